@@ -1,0 +1,139 @@
+"""Classification and distillation losses for continual learning (all jit-able).
+
+Every loss takes logits of shape ``[..., num_classes]``, reduces with a mean
+over the batch (leading) axes and returns a float32 scalar. Inputs are upcast to
+float32 first, so bfloat16 logits are safe. Divergences are computed from
+``log_softmax`` in log space with no epsilons; entries of zero probability
+contribute exactly 0 to the value and to the gradient (never NaN).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from modkd_jax import losses
+    >>> p = jnp.array([[0.0, -jnp.inf]])  # all mass on class 0
+    >>> q = jnp.array([[-jnp.inf, 0.0]])  # all mass on class 1
+    >>> round(float(losses.js_divergence(p, q)), 6)  # disjoint supports: log 2
+    0.693147
+    >>> z = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+    >>> losses.block_logits(z, 2, 2).tolist()  # classes 2..3 of a 2-class task
+    [[0.0, -1.0]]
+    >>> float(losses.kd_kl(z, z, temperature=2.0))  # identical teacher
+    0.0
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+# Finite stand-in for -inf used by `masked_logits`; see that function.
+MASK_VALUE = -1e9
+
+
+def _f32(x: jax.typing.ArrayLike) -> Array:
+    """Upcast to float32 so every loss computes and returns float32."""
+    return jnp.asarray(x, jnp.float32)
+
+
+def _log_probs(logits: jax.typing.ArrayLike, temperature: float | Array) -> Array:
+    """Temperature-scaled log-softmax over the class axis (the only normaliser used)."""
+    return jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
+
+
+def _kl_log(log_p: Array, log_q: Array) -> Array:
+    """Per-example KL(p || q) from log-probs, with 0*log0 := 0 in value and gradient.
+
+    Zero-probability entries of p (log_p == -inf) are replaced by 0 *before* the
+    optax formula so no NaN is ever formed (a plain `where` on the output would
+    still leak NaN through the backward pass).
+    """
+    support = log_p > -jnp.inf
+    log_p = jnp.where(support, log_p, 0.0)
+    log_q = jnp.where(support, log_q, 0.0)
+    return optax.losses.kl_divergence_with_log_targets(log_q, log_p, axis=-1, where=support)
+
+
+def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) -> Array:
+    """Batch-mean softmax cross-entropy with integer labels (the plain task loss)."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_f32(logits), labels))
+
+
+def block_logits(logits: jax.typing.ArrayLike, offset: int | Array, size: int) -> Array:
+    """Logits of one task's class block [offset, offset+size), so training never sees other tasks.
+
+    ``size`` must be static; ``offset`` may be traced. As with
+    ``jax.lax.dynamic_slice``, an offset that would run past the end is clamped.
+    """
+    return jax.lax.dynamic_slice_in_dim(jnp.asarray(logits), offset, size, axis=-1)
+
+
+def masked_logits(logits: jax.typing.ArrayLike, valid: jax.typing.ArrayLike) -> Array:
+    """Set logits where ``valid`` is False to MASK_VALUE (-1e9) so those classes get probability 0.
+
+    A finite value is used instead of -inf so that softmax, CE and KL stay
+    finite with finite gradients even if a whole row is masked (it becomes
+    uniform instead of NaN); exp(-1e9 - max) underflows to exactly 0 in float32.
+    ``valid`` broadcasts against ``logits`` (e.g. shape ``[num_classes]``).
+    """
+    logits = jnp.asarray(logits)
+    return jnp.where(valid, logits, jnp.asarray(MASK_VALUE, logits.dtype))
+
+
+def kd_kl(
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    temperature: float | Array,
+) -> Array:
+    """Hinton distillation: T^2 * KL(p_teacher || p_student) at temperature T, teacher frozen."""
+    log_pt = _log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
+    log_ps = _log_probs(student_logits, temperature)
+    return jnp.mean(_kl_log(log_pt, log_ps)) * temperature**2
+
+
+def js_divergence(
+    p_logits: jax.typing.ArrayLike,
+    q_logits: jax.typing.ArrayLike,
+    temperature: float | Array = 1.0,
+) -> Array:
+    """Batch-mean Jensen-Shannon divergence of softmax(p/T) and softmax(q/T), in [0, log 2].
+
+    JS = 0.5 KL(p||m) + 0.5 KL(q||m) with log m = logaddexp(log p, log q) - log 2.
+    Symmetric and bounded, unlike KL. No stop_gradient is applied here: wrap
+    the teacher's logits in ``jax.lax.stop_gradient`` at the call site.
+    """
+    log_p = _log_probs(p_logits, temperature)
+    log_q = _log_probs(q_logits, temperature)
+    # Where both are -inf, m is 0 and the entry is dropped by _kl_log anyway;
+    # feeding 0s there keeps logaddexp's backward pass free of (-inf) - (-inf).
+    both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    log_m = jnp.logaddexp(jnp.where(both_zero, 0.0, log_p), jnp.where(both_zero, 0.0, log_q))
+    log_m = log_m - math.log(2.0)
+    return jnp.mean(0.5 * _kl_log(log_p, log_m) + 0.5 * _kl_log(log_q, log_m))
+
+
+def mse_soft_targets(
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    temperature: float | Array = 1.0,
+) -> Array:
+    """Mean (over batch and classes) squared error between softened probabilities, teacher frozen."""
+    p_t = jnp.exp(_log_probs(jax.lax.stop_gradient(teacher_logits), temperature))
+    p_s = jnp.exp(_log_probs(student_logits, temperature))
+    return jnp.mean((p_s - p_t) ** 2)
+
+
+def mind_distillation_loss(
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    beta: float | Array,
+    temperature: float | Array,
+) -> tuple[Array, dict[str, Array]]:
+    """MIND objective CE(student, labels) + beta * JS(teacher/T, student/T), teacher frozen; returns (loss, parts)."""
+    ce = cross_entropy(student_logits, labels)
+    js = js_divergence(jax.lax.stop_gradient(teacher_logits), student_logits, temperature)
+    return ce + beta * js, {"ce": ce, "js": js}

@@ -1,0 +1,21 @@
+"""Shared test set-up: a persistent XLA compilation cache and the offline data folder."""
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("MODKD_JAX_CACHE", str(REPO / ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repo (official MNIST / Fashion-MNIST archives)."""
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip(f"offline archives not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,81 @@
+"""Device-side batching and augmentation: shuffled epochs over device-resident splits, jit-able transforms."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Number of batches one pass over `n` examples yields."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return n // batch_size if drop_remainder else math.ceil(n / batch_size)
+
+
+@jax.jit
+def _gather(arrays: tuple[jax.Array, ...], idx: jax.Array) -> tuple[jax.Array, ...]:
+    """Take rows `idx` of every array in one compiled call."""
+    return tuple(jnp.take(a, idx, axis=0) for a in arrays)
+
+
+def _on_device(x, y, extra: Sequence) -> tuple[jax.Array, ...]:
+    """Put a split and its aligned extra arrays on the default device once."""
+    arrays = (x, y, *extra)
+    n = len(x)
+    for a in arrays:
+        if len(a) != n:
+            raise ValueError(f"all arrays must have {n} rows, got one with {len(a)}")
+    return tuple(jax.device_put(a) for a in arrays)
+
+
+def epoch_batches(
+    x, y, batch_size: int, key: jax.Array, *, drop_remainder: bool = False, extra: Sequence = ()
+) -> Iterator[tuple[jax.Array, ...]]:
+    """One shuffled epoch of (x, y, *extra) device batches; the order comes from `key`."""
+    count = num_batches(len(x), batch_size, drop_remainder)
+    arrays = _on_device(x, y, extra)
+    perm = jax.random.permutation(key, len(x))
+    for b in range(count):
+        yield _gather(arrays, perm[b * batch_size : (b + 1) * batch_size])
+
+
+def eval_batches(x, y, batch_size: int, *, extra: Sequence = ()) -> Iterator[tuple[jax.Array, ...]]:
+    """Unshuffled (x, y, *extra) device batches covering the split, last short batch kept."""
+    count = num_batches(len(x), batch_size, False)
+    arrays = _on_device(x, y, extra)
+    for b in range(count):
+        yield tuple(a[b * batch_size : (b + 1) * batch_size] for a in arrays)
+
+
+def to_float(x_uint8: jax.Array, mean, std) -> jax.Array:
+    """Map uint8 pixels to standardised float32: (x/255 - mean)/std, mean/std per channel."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (x_uint8.astype(jnp.float32) / 255.0 - mean) / std
+
+
+@functools.partial(jax.jit, static_argnames=("pad", "flip"))
+def random_crop_flip(key: jax.Array, x_uint8: jax.Array, pad: int = 4, flip: bool = True) -> jax.Array:
+    """Per-example random crop of the zero-padded NHWC batch and random horizontal flip (uint8 in/out)."""
+    n, h, w, c = x_uint8.shape
+    k_crop, k_flip = jax.random.split(key)
+    padded = jnp.pad(x_uint8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    corners = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
+    crop = jax.vmap(lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (h, w, c)))(padded, corners)
+    if not flip:
+        return crop
+    mirror = jax.random.bernoulli(k_flip, 0.5, (n,))
+    return jnp.where(mirror[:, None, None, None], crop[:, :, ::-1, :], crop)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_flip", "pad"))
+def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad: int = 4) -> jax.Array:
+    """Training-time input pipeline: optional crop+flip, then standardise to float32."""
+    if crop_flip:
+        x_uint8 = random_crop_flip(key, x_uint8, pad=pad)
+    return to_float(x_uint8, mean, std)

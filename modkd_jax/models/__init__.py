@@ -1,0 +1,33 @@
+"""Gated Flax networks: ResNet-32, ResNet-18, MLP, with per-task batch norm and class blocks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from modkd_jax.models.layers import TaskBatchNorm, leaf_kinds, param_count
+from modkd_jax.models.mlp import MLP
+from modkd_jax.models.resnet import ResNet, resnet18, resnet32
+
+ARCHS = ("mlp", "resnet32", "resnet18")
+
+
+def build(arch: str, num_outputs: int, num_tasks: int = 1, dtype=jnp.float32, **kwargs):
+    """The network ``arch`` with ``num_outputs`` classifier rows and ``num_tasks`` batch-norm rows."""
+    if arch == "mlp":
+        return MLP(num_outputs, num_tasks, dtype=dtype, **kwargs)
+    if arch == "resnet32":
+        return resnet32(num_outputs, num_tasks, dtype=dtype)
+    if arch == "resnet18":
+        return resnet18(num_outputs, num_tasks, dtype=dtype, **kwargs)
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
+
+
+def init(model, key: jax.Array, input_shape: tuple[int, ...]):
+    """``(params, batch_stats)`` of ``model`` for inputs of shape ``(H, W, C)``."""
+    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), 0, train=False)
+    return variables["params"], variables["batch_stats"]
+
+
+__all__ = ["ARCHS", "MLP", "ResNet", "TaskBatchNorm", "build", "init", "leaf_kinds", "param_count",
+           "resnet18", "resnet32"]

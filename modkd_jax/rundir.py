@@ -1,0 +1,109 @@
+"""Run directory = the run: config.json, metrics.jsonl, results.json, PNG plots, checkpoints.
+
+Files are written atomically (temp file + rename) so an interrupted run never
+leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class RunDirError(RuntimeError):
+    """The workdir holds something this run must not overwrite."""
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON atomically (NaN becomes null)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def open_run(workdir: str | os.PathLike, config: dict) -> Path:
+    """Create ``workdir`` with ``config.json``, or check that an existing run has the same config."""
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.json"
+    config = _jsonable(config)
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{cfg_path} is not valid JSON; use a fresh --workdir") from exc
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            raise RunDirError(f"{workdir} holds a run with a different config ({', '.join(diff)} differ); "
+                              "use another --workdir or the same flags to resume")
+        return workdir
+    if workdir.exists() and any(p.name != "checkpoints" for p in workdir.iterdir()):
+        raise RunDirError(f"{workdir} is not empty and holds no config.json; use an empty or new --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, config)
+    return workdir
+
+
+def log_metrics(workdir: Path, record: dict) -> None:
+    """Append one JSON line to ``metrics.jsonl``."""
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+
+def truncate_metrics(workdir: Path, before_task: int) -> None:
+    """Drop metric lines of tasks >= ``before_task`` (left by an interrupted run before resuming)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("task", -1) < before_task]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def plot_matrices(path: str | os.PathLike, matrices: dict[str, np.ndarray], title: str = "") -> None:
+    """Heatmaps of accuracy matrices R[i, j] (row: after task i, column: task j) side by side, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.8), squeeze=False)
+    for ax, (name, R) in zip(axes[0], matrices.items()):
+        R = np.asarray(R, float)
+        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_ylabel("after training task i")
+        if R.shape[0] <= 12:
+            for (i, j), v in np.ndenumerate(R):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 0.6 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,209 @@
+"""The one jitted train step every method shares, the epoch loop around it, and evaluation.
+
+A step trains the parameters a *trainable* mask allows, computing with those a
+*forward* mask allows, on one task's class block, with cross-entropy plus an
+optional distillation term against a teacher's logits. The task id, the masks,
+the teacher's variables and the learning rate are arguments, so one compiled
+step serves every task and epoch of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from modkd_jax import losses, masks, optim, routing
+from modkd_jax.data import batching
+
+PyTree = Any
+# (teacher_variables, x_float, task) -> teacher logits on the task's classes
+TeacherFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a train step computes; static across a run."""
+
+    apply_fn: Callable  # a Flax ``model.apply``
+    block_size: int  # classes per task block
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_flip: bool = False
+    loss: str = "ce"  # "ce" | "js" (CE + beta*JS, MIND) | "kd" (CE + beta*T^2 KL, LwF-style)
+    beta: float = 0.0
+    temperature: float = 1.0
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optim.GatedTransformation:
+    """A gated optimizer whose learning rate is a hyperparameter set per epoch (no recompiles)."""
+    if name == "adam":
+        inner = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
+    elif name == "sgd":
+        inner = optax.inject_hyperparams(
+            lambda learning_rate: optax.chain(optax.add_decayed_weights(weight_decay),
+                                              optax.sgd(learning_rate, momentum=0.9)))(learning_rate=lr)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
+    return optim.gated(inner)
+
+
+def set_learning_rate(opt_state, lr: float):
+    """The same optimizer state with its injected learning rate replaced."""
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, jnp.asarray(hp["learning_rate"]).dtype)
+    return opt_state._replace(hyperparams=hp)
+
+
+def step_lr(base_lr: float, epoch: int, epochs: int, milestone: float) -> float:
+    """``base_lr``, halved from epoch ``round(milestone * epochs)`` on (MultiStepLR with one milestone)."""
+    return base_lr * (0.5 if epoch >= round(milestone * epochs) else 1.0)
+
+
+def block(logits: jax.Array, task, size: int) -> jax.Array:
+    """The class block of ``task`` (classes of other tasks never enter a loss)."""
+    return jax.lax.dynamic_slice_in_dim(logits, task * size, size, axis=-1)
+
+
+def make_train_step(spec: StepSpec, tx: optim.GatedTransformation, teacher_fn: TeacherFn | None = None):
+    """``step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars) -> (carry, metrics)``, jitted.
+
+    ``carry = (params, batch_stats, opt_state)`` is donated.
+    """
+    mean, std = jnp.asarray(spec.mean), jnp.asarray(spec.std)
+
+    def step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars):
+        params, batch_stats, opt_state = carry
+        xf = batching.augment(key, x, mean, std, spec.crop_flip)
+        t_logits = None if teacher_fn is None else jax.lax.stop_gradient(teacher_fn(teacher_vars, xf, task))
+
+        def loss_fn(p):
+            logits, new = spec.apply_fn({"params": masks.gate(p, fwd_mask), "batch_stats": batch_stats},
+                                        xf, task, train=True, mutable=["batch_stats"])
+            z = block(logits, task, spec.block_size)
+            ce = losses.cross_entropy(z, y)
+            if spec.loss == "js":
+                extra = losses.js_divergence(t_logits, z, spec.temperature)
+            elif spec.loss == "kd":
+                extra = losses.kd_kl(z, t_logits, spec.temperature)
+            else:
+                extra = jnp.zeros(())
+            acc = jnp.mean(jnp.argmax(z, -1) == y)
+            return ce + spec.beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
+
+        (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, mask=trn_mask)
+        params = optax.apply_updates(params, updates)
+        return (params, batch_stats, opt_state), {"loss": loss, **metrics}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: float, milestone: float,
+              key: jax.Array, task: int, fwd_mask: PyTree, trn_mask: PyTree, teacher_vars: PyTree = None,
+              desc: str = "", log: Callable[[dict], None] | None = None, progress: bool = True):
+    """Train ``epochs`` epochs of ``split`` with ``step``; returns the final carry.
+
+    Calls ``log`` once per epoch with the mean loss, accuracy and learning rate.
+    """
+    n = len(split.y)
+    if n == 0:
+        raise ValueError(f"task {task} has no training examples")
+    batch_size = min(batch_size, n)
+    task_arr = jnp.asarray(task, jnp.int32)
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
+    for epoch in bar:
+        lr = step_lr(base_lr, epoch, epochs, milestone)
+        params, bs, opt_state = carry
+        carry = (params, bs, set_learning_rate(opt_state, lr))
+        ekey, key = jax.random.split(key)
+        bkey, akey = jax.random.split(ekey)
+        sums, count = None, 0
+        for i, (x, y) in enumerate(batching.epoch_batches(split.x, split.y, batch_size, bkey, drop_remainder=True)):
+            carry, m = step(carry, x, y, jax.random.fold_in(akey, i), task_arr, fwd_mask, trn_mask, teacher_vars)
+            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+            count += 1
+        means = {k: float(v) / count for k, v in sums.items()}
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['acc']:.3f}")
+        if log is not None:
+            log({"epoch": epoch, "lr": lr, **means})
+    return carry
+
+
+def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed-size batches ``(x, y, valid)`` over a split, the last one zero-padded (no recompiles)."""
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        pad = batch_size - len(yb)
+        valid = np.arange(batch_size) < len(yb)
+        if pad:
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+        yield xb, yb, valid
+
+
+def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, temperature: float,
+                     mean, std):
+    """``eval(params, batch_stats, owner, x, y, valid, true_task, seen) -> correct counts per rule``, jitted.
+
+    All ``task_count`` sub-networks run in one vmapped call; the class-incremental
+    rules choose among the first ``seen``.
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def evaluate(params, batch_stats, owner, x, y, valid, true_task, seen):
+        xf = batching.to_float(x, mean, std)
+        probs = routing.subnet_probs(apply_fn, params, batch_stats, owner, xf, task_count, block_size, temperature)
+        out = {rule: jnp.sum(valid & (task == true_task) & (cls == y))
+               for rule, (task, cls) in routing.predictions(probs, true_task, seen).items()}
+        out["task_id"] = jnp.sum(valid & (routing.max_prob_task(probs, seen) == true_task))
+        return out
+
+    return evaluate
+
+
+def evaluate_tasks(evaluate, params, batch_stats, owner, splits, seen: int, batch_size: int,
+                   task_ids: Iterable[int] | None = None) -> dict[str, np.ndarray]:
+    """Accuracy of every rule on each split: ``{rule: array of len(splits)}``.
+
+    Split ``i`` belongs to task ``task_ids[i]`` (default: ``i``).
+    """
+    rules: dict[str, list[float]] = {}
+    task_ids = range(len(splits)) if task_ids is None else list(task_ids)
+    batch_size = max(1, min(batch_size, max(len(s.y) for s in splits)))  # small splits: pad less
+    for j, split in zip(task_ids, splits):
+        totals: dict[str, int] = {}
+        for x, y, valid in pad_batches(split.x, split.y, batch_size):
+            counts = evaluate(params, batch_stats, owner, x, y, valid, jnp.int32(j), jnp.int32(seen))
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + int(v)
+        for k in ("til", "cil", "cil_entropy", "task_id"):
+            rules.setdefault(k, []).append(totals[k] / len(split.y) if len(split.y) else np.nan)
+    return {k: np.asarray(v) for k, v in rules.items()}
+
+
+def make_dense_eval(apply_fn: Callable, block_size: int, mean, std):
+    """``eval(variables, x, y, valid, task) -> correct count`` of one network on one task's block, jitted."""
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def evaluate(variables, x, y, valid, task):
+        logits = apply_fn(variables, batching.to_float(x, mean, std), task, train=False)
+        return jnp.sum(valid & (jnp.argmax(block(logits, task, block_size), -1) == y))
+
+    return evaluate
+
+
+def dense_accuracy(evaluate, variables, split, task: int, batch_size: int) -> float:
+    """Accuracy of ``evaluate`` (from ``make_dense_eval``) on one split; NaN for an empty split."""
+    if len(split.y) == 0:
+        return float("nan")
+    batch_size = min(batch_size, len(split.y))
+    correct = sum(int(evaluate(variables, x, y, v, jnp.int32(task))) for x, y, v in pad_batches(split.x, split.y, batch_size))
+    return correct / len(split.y)

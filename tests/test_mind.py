@@ -125,3 +125,18 @@ def test_main_command_path_cifar100_ten_tasks_on_mock_data(tmp_path):
     assert res["config"]["mind"]["arch"] == "resnet32" and res["tasks_done"] == 10
     assert np.asarray(res["accuracy_matrix"]["til"]).shape == (10, 10)
     assert res["params"]["teacher"] == 470_004 - 90 * 64 - 90  # ResNet-32 with a 10-class head
+
+
+@pytest.mark.parametrize("extra", [
+    ["--self_distillation"],
+    ["--policy", "magnitude", "--init_new", "keep"],
+    ["--scenario", "permuted"],
+], ids=["self_distillation", "magnitude", "permuted"])
+def test_variants_learn_every_task_without_forgetting(tmp_path, extra):
+    argv = ["--dataset", "digits", "--task_count", "2", "--epochs", "4", "--distill_epochs", "4"] + extra
+    res = cli.run(_cfg(argv), tmp_path / "run")
+    til = np.asarray(res["accuracy_matrix"]["til"], float)
+    assert np.all(np.diag(til) > 0.85), til
+    assert til[1, 0] == til[0, 0]  # task 0's sub-network is untouched by task 1
+    if "--self_distillation" in extra:
+        assert res["method"] == "mind_self_distillation" and res["config"]["mind"]["policy"] == "magnitude"

@@ -180,7 +180,8 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         params, batch_stats, _ = _phase(mind, "self_train", carry, task.train, epochs=cfg.epochs, lr=cfg.lr,
                                         milestone=cfg.lr_milestone, key=k_phase1, task=t, fwd=owned_or_free,
                                         trn=trainable, log=log, progress=progress)
-        teacher_vars = {"params": masks.gate(params, owned_or_free), "batch_stats": batch_stats}
+        # a snapshot: the distillation step donates (and so invalidates) the student's own buffers
+        teacher_vars = {"params": masks.gate(params, owned_or_free), "batch_stats": jax.tree.map(jnp.copy, batch_stats)}
         # ... keep the largest trained |w| among the free weights, and distil the dense net into them.
         owner = masks.assign(owner, mind.kinds, t, mind.task_count, policy="magnitude", weights=params)
         distill_step = "self_distill"

@@ -9,7 +9,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("MODKD_JAX_CACHE", str(REPO / ".jax_cache")))
+# Persistent XLA cache outside the checkout, so fresh clones on the same machine (CI) reuse it.
+_CACHE = os.environ.get("MODKD_JAX_CACHE", str(Path.home() / ".cache" / "modkd_jax" / "xla"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

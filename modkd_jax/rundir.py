@@ -70,11 +70,15 @@ def log_metrics(workdir: Path, record: dict) -> None:
 
 def truncate_metrics(workdir: Path, before_task: int) -> None:
     """Drop metric lines of tasks >= ``before_task`` (left by an interrupted run before resuming)."""
+    filter_metrics(workdir, lambda rec: rec.get("task", -1) < before_task)
+
+
+def filter_metrics(workdir: Path, keep_record) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with only the records ``keep_record(dict)`` accepts."""
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("task", -1) < before_task]
+    keep = [line for line in path.read_text().splitlines() if line.strip() and keep_record(json.loads(line))]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -102,8 +106,15 @@ def plot_matrices(path: str | os.PathLike, matrices: dict[str, np.ndarray], titl
         fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)

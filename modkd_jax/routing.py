@@ -86,3 +86,58 @@ def correct_counts(probs: jax.Array, y: jax.Array, true_task, seen) -> dict[str,
 def task_id_accuracy_counts(probs: jax.Array, true_task, seen) -> jax.Array:
     """Examples whose sub-network the max-probability rule identifies correctly."""
     return jnp.sum(max_prob_task(probs, seen) == true_task)
+
+
+# --- Similarity routing over a pool of experts and module specialization (modular experts) ---
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
+    """``x`` scaled to unit length along ``axis`` (zero vectors stay zero)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def prototype_scores(emb: jax.Array, prototypes: jax.Array, membership: jax.Array) -> jax.Array:
+    """Similarity of every input to every expert: ``(B, E)``, the best cosine to one of the expert's prototypes.
+
+    ``emb`` is ``(B, d)``, ``prototypes`` ``(P, d)`` and ``membership`` ``(E, P)`` bool
+    (expert e owns prototype p). An expert without prototypes scores ``-inf``.
+    """
+    sims = l2_normalize(emb) @ l2_normalize(prototypes).T  # (B, P)
+    return jnp.max(jnp.where(membership[None], sims[:, None, :], -jnp.inf), axis=-1)
+
+
+def route(emb: jax.Array, prototypes: jax.Array, membership: jax.Array) -> jax.Array:
+    """Hard routing r(x) = argmax_e cosine(embed(x), prototypes of e): one expert id per input."""
+    return jnp.argmax(prototype_scores(emb, prototypes, membership), axis=-1)
+
+
+def soft_top_k(scores: jax.Array, k: int, temperature: float) -> jax.Array:
+    """Routing weights ``(B, E)``: softmax of ``scores / temperature`` over each row's top ``k``, exact 0 elsewhere.
+
+    Differentiable in ``scores``; ``-inf`` scores (experts that cannot be chosen)
+    get weight 0 even inside the top k. Rows must hold at least one finite score.
+    """
+    k = min(int(k), scores.shape[-1])
+    _, top = jax.lax.top_k(scores, k)  # (B, k)
+    chosen = jnp.sum(jax.nn.one_hot(top, scores.shape[-1], dtype=bool), axis=-2) > 0
+    z = jnp.where(chosen & jnp.isfinite(scores), scores / temperature, -jnp.inf)
+    return jax.nn.softmax(z, axis=-1)
+
+
+def routing_counts(expert: jax.Array, task: jax.Array, num_experts: int, num_tasks: int,
+                   valid: jax.Array | None = None) -> jax.Array:
+    """Routing statistics ``C[i, j]``: how many task-j inputs were routed to expert i."""
+    w = jnp.ones(expert.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
+    return jnp.zeros((num_experts, num_tasks), jnp.int32).at[expert, task].add(w)
+
+
+def specialization_entropy(counts: jax.Array) -> jax.Array:
+    """H(theta_i) = -sum_j p(j|theta_i) log p(j|theta_i) per expert (nats), p from routing counts ``(E, T)``.
+
+    0 means expert i only ever receives one task's inputs (a specialist), ``log T``
+    that it receives all tasks alike; an expert that received nothing is NaN.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    total = jnp.sum(counts, axis=-1, keepdims=True)
+    h = entropy(counts / jnp.where(total > 0, total, 1.0))
+    return jnp.where(total[..., 0] > 0, h + 0.0, jnp.nan)  # + 0.0: no -0.0

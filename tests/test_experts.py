@@ -1,0 +1,201 @@
+"""Modular experts: specialization entropy, similarity routing, allocation, knowledge transfer, the CLI on digits."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import experts as cli
+from modkd_jax import data, masks, models, routing, training
+from modkd_jax.methods import experts as X
+
+
+def test_specialization_entropy_on_hand_made_routing_statistics():
+    counts = jnp.array([[10, 0, 0, 0],  # a specialist: every input it receives is task 0's
+                        [5, 5, 0, 0],  # two tasks evenly
+                        [3, 3, 3, 3],  # a generalist
+                        [6, 2, 0, 0],
+                        [0, 0, 0, 0]])  # never routed to
+    h = np.asarray(routing.specialization_entropy(counts))
+    expected = [0.0, math.log(2), math.log(4), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    np.testing.assert_allclose(h[:4], expected, rtol=1e-6)
+    assert np.isnan(h[4]) and not np.signbit(h[0])
+    np.testing.assert_allclose(routing.specialization_entropy(7 * counts)[:4], expected, rtol=1e-6)  # counts scale-free
+    # counts from routing decisions: C[i, j] = task-j inputs routed to expert i
+    c = routing.routing_counts(jnp.array([0, 0, 1, 2, 1]), jnp.array([0, 1, 1, 1, 0]), 3, 2)
+    np.testing.assert_array_equal(c, [[1, 1], [1, 1], [0, 1]])
+
+
+def test_allocation_follows_fit_and_specialization():
+    cfg = X.ExpertsConfig(reuse_threshold=0.5, max_entropy=math.log(2), top_k=2)
+    counts = np.array([[100, 0, 0], [50, 50, 0], [0, 0, 0]], float)
+    active = np.array([True, True, False])
+    # expert 0 (a specialist) fits 80% of the new task: reused, it stays below ln 2 (100 vs 80 inputs)
+    experts, decision, info = X.allocate(cfg, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0.0, 0.0]), active)
+    assert (experts, decision) == ([0], "reuse") and info["entropy_if_reused"][0] < math.log(2)
+    # expert 1 fits as well but already holds two tasks evenly: a third would exceed ln 2 -> a new expert
+    experts, decision, _ = X.allocate(cfg, 2, counts, np.array([0, 80, 0]), np.array([0.0, 0.8, 0.0]), active)
+    assert (experts, decision) == ([2], "new")
+    # too little fit -> new; allocation "new" never reuses; a full pool reuses the best fit
+    assert X.allocate(cfg, 2, counts, np.array([40, 0, 0]), np.array([0.4, 0, 0]), active)[:2] == ([2], "new")
+    cfg_new = X.ExpertsConfig(allocation="new")
+    assert X.allocate(cfg_new, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0, 0]), active)[:2] == ([2], "new")
+    full = np.ones(3, bool)
+    assert X.allocate(cfg, 2, counts, np.array([0, 30, 10]), np.array([0, 0.3, 0.1]), full)[:2] == ([1], "forced")
+
+
+def test_routing_is_permutation_equivariant_over_experts():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    emb = jax.random.normal(k1, (64, 16))
+    protos = jax.random.normal(k2, (12, 16))
+    owner = jnp.arange(12) % 4  # 4 experts, 3 prototypes each
+    membership = owner[None, :] == jnp.arange(4)[:, None]
+    base = np.asarray(routing.route(emb, protos, membership))
+    assert len(set(base.tolist())) > 1  # a non-trivial decision
+    for perm in ([1, 0, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        perm = np.asarray(perm)
+        # new expert i is old expert perm[i]: the decision is relabelled accordingly
+        moved = np.asarray(routing.route(emb, protos, membership[perm]))
+        np.testing.assert_array_equal(perm[moved], base)
+        scores = routing.prototype_scores(emb, protos, membership)
+        np.testing.assert_array_equal(routing.soft_top_k(scores[:, perm], 2, 0.1),
+                                      routing.soft_top_k(scores, 2, 0.1)[:, perm])
+    # reordering the prototypes changes nothing
+    order = np.asarray(jax.random.permutation(k3, 12))
+    np.testing.assert_array_equal(routing.route(emb, protos[order], membership[:, order]), base)
+    # soft top-k: k non-zero weights summing to 1, on the k best experts
+    w = np.asarray(routing.soft_top_k(routing.prototype_scores(emb, protos, membership), 2, 0.1))
+    assert np.all((w > 0).sum(1) == 2) and np.allclose(w.sum(1), 1.0)
+    assert np.all(np.argmax(w, 1) == base)
+
+
+def test_reused_experts_train_as_a_soft_top_k_mixture_and_keep_their_tasks():
+    sc = _digits(5)
+    cfg = X.ExpertsConfig(hidden=(16, 16), epochs=5, batch_size=32, prototypes=4, embed_dim=16, allocation="new")
+    ex = X.setup(cfg, sc)
+    state = X.init_state(ex, jax.random.key(0))
+    tests = [t.test for t in sc.tasks]
+    for t in range(2):
+        state, info = X.learn_task(ex, state, t, jax.random.key(t + 1), progress=False)
+        assert info["decision"] == "new" and info["experts"] == [t]
+    before = X.evaluate(ex, state, tests, seen=2)["til"][:2]
+    pool_before = jax.tree.map(np.asarray, state["params"])
+    # permissive thresholds: task 2 must reuse both experts (top_k = 2), mixed by soft top-k, with LwF
+    ex = dataclasses.replace(ex, cfg=dataclasses.replace(cfg, allocation="entropy", reuse_threshold=0.0,
+                                                         max_entropy=10.0))
+    state, info = X.learn_task(ex, state, 2, jax.random.key(3), progress=False)
+    assert info["decision"] == "reuse" and sorted(info["experts"]) == [0, 1]
+    after = X.evaluate(ex, state, tests, seen=3)
+    assert np.asarray(state["router"]["membership"])[:, 2].sum() == 2 and after["activated"][2] > 1.5
+    assert after["til"][2] > 0.8
+    assert np.all(after["til"][:2] >= before - 0.1)  # distillation keeps the reused experts' earlier tasks
+    for old, new in zip(jax.tree.leaves(pool_before), jax.tree.leaves(state["params"])):
+        assert not np.array_equal(old[:2], np.asarray(new)[:2])  # both reused experts trained
+        np.testing.assert_array_equal(old[2:], np.asarray(new)[2:])  # the idle ones untouched
+
+
+def _digits(task_count=2):
+    return data.build("class_split", data.load("digits"), task_count, seed=0, val_fraction=0.1)
+
+
+def test_knowledge_transfer_copies_exactly_the_selected_parameters():
+    sc = _digits()
+    old = models.build("mlp", 10, 2, hidden=(8, 8))
+    new = models.build("mlp", 10, 2, hidden=(16, 16))
+    old_p, old_bs = models.init(old, jax.random.key(1), sc.input_shape)
+    new_p, new_bs = models.init(new, jax.random.key(2), sc.input_shape)
+    kinds = models.leaf_kinds(old_p)
+    sel = X.select_valuable(X.importance(old_p, "magnitude"), kinds, task=0, keep=0.3, block_size=5)
+    for s, w, kind in zip(jax.tree.leaves(sel), jax.tree.leaves(old_p), jax.tree.leaves(kinds)):
+        if kind == masks.GATED:  # exactly the top 30% by |w|
+            assert int(s.sum()) == round(0.3 * s.size)
+            assert float(jnp.min(jnp.abs(w)[s])) >= float(jnp.max(jnp.abs(w)[~s]))
+    out = X.transfer(old_p, new_p, sel)
+    for o, n, t, s in zip(jax.tree.leaves(old_p), jax.tree.leaves(new_p), jax.tree.leaves(out), jax.tree.leaves(sel)):
+        where = np.asarray(X.embed_corner(s, n.shape, False))
+        corner = np.asarray(X.embed_corner(o, n.shape, 0))
+        np.testing.assert_array_equal(np.asarray(t)[where], corner[where])  # the selected entries, copied
+        np.testing.assert_array_equal(np.asarray(t)[~where], np.asarray(n)[~where])  # nothing else touched
+    new_kinds = models.leaf_kinds(new_p)
+    owner = X.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
+    k0 = np.asarray(owner["dense0"]["kernel"])
+    assert (k0 == 0).sum() == int(sel["dense0"]["kernel"].sum()) and set(np.unique(k0)) == {masks.FREE, 0}
+    # a narrower new model cannot hold the old leaves: the plan hands them to distillation
+    small_p, _ = models.init(models.build("mlp", 10, 2, hidden=(4, 16)), jax.random.key(3), sc.input_shape)
+    plan = X.transfer_plan(old_p, small_p)
+    assert plan["dense0/kernel"] == plan["dense1/kernel"] == "distill" and plan["classifier/kernel"] == "copy"
+    moved = X.transfer(old_p, small_p, sel)
+    np.testing.assert_array_equal(moved["dense0"]["kernel"], small_p["dense0"]["kernel"])
+    # keep = 1: the new model computes the old task exactly as the old model did
+    sel = X.select_valuable(X.importance(old_p), kinds, 0, 1.0, 5)
+    p = X.transfer(old_p, new_p, sel)
+    bs = X.transfer_batch_stats(old_bs, new_bs, 0)
+    o = X.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
+    x = jnp.asarray(sc.tasks[0].test.x[:32], jnp.float32) / 255.0
+    ours = new.apply({"params": masks.gate(p, masks.forward_mask(o, 0)), "batch_stats": bs}, x, 0)
+    theirs = old.apply({"params": old_p, "batch_stats": old_bs}, x, 0)
+    np.testing.assert_allclose(ours[:, :5], theirs[:, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_preserve_keeps_the_old_task_while_learning_the_next():
+    sc = _digits()
+    old = models.build("mlp", 10, 2, hidden=(16, 16))
+    new = models.build("mlp", 10, 2, hidden=(32, 32))
+    mean, std = (tuple(float(v) for v in a) for a in sc.norm)
+    params, bs = models.init(old, jax.random.key(0), sc.input_shape)
+    tx = training.make_optimizer("adam", 0.005)
+    full = masks.full_mask(params)
+    params, bs, _ = training.run_phase(
+        training.make_train_step(training.StepSpec(old.apply, 5, mean, std), tx), (params, bs, tx.init(params)),
+        sc.tasks[0].train, epochs=8, batch_size=32, base_lr=0.005, milestone=1.0, key=jax.random.key(1), task=0,
+        fwd_mask=full, trn_mask=full, progress=False)
+    info = X.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="copy", keep=1.0,
+                      epochs=8, batch_size=32, lr=0.005)
+    assert info["old_acc"] > 0.9 and info["new_task_acc"] > 0.9
+    assert info["transferred_acc"] == info["old_acc"]  # an exact copy computes the old task as before
+    assert info["retained_acc"] == info["transferred_acc"]  # frozen and isolated while task 1 is learnt
+
+
+def test_cli_end_to_end_on_digits(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--dataset", "digits", "--seeds", "0", "1", "--epochs", "6", "--no_preserve", "--workdir", str(run)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Welch t-test experts vs monolithic" in out and "Welch t-test experts vs mind" in out
+    for name in ("config.json", "metrics.jsonl", "results.json", "accuracy_matrices.png", "specialization.png"):
+        assert (run / name).is_file(), name
+    res = json.loads((run / "results.json").read_text())
+    agg = res["aggregate"]
+    assert set(agg) == {"experts", "monolithic", "mind"}
+    assert agg["experts"]["til_acc"]["mean"] > 0.9 and agg["experts"]["routing_acc"]["mean"] > 0.7
+    assert agg["experts"]["cil_acc"]["mean"] > agg["monolithic"]["cil_acc"]["mean"]
+    # equal parameter budgets (within 2%), and the experts predict with a fraction of MIND's compute
+    p = {m: agg[m]["params"]["mean"] for m in agg}
+    assert abs(p["monolithic"] - p["experts"]) / p["experts"] < 0.02
+    assert abs(p["mind"] - p["experts"]) / p["experts"] < 0.1
+    flops = {m: agg[m]["flops_cil"]["mean"] for m in agg}
+    assert flops["experts"] < flops["monolithic"] < flops["mind"]
+    unit = res["units"]["experts_s0"]
+    assert unit["flops"]["xla_expert_forward"] == pytest.approx(unit["flops"]["expert_forward"], rel=0.1)
+    # one expert per task here; new experts leave earlier ones untouched: no task-incremental forgetting
+    assert np.asarray(unit["membership"]).sum() == 5 and agg["experts"]["til_forgetting"]["mean"] == 0.0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summaries = [ln for ln in lines if ln["method"] == "experts" and ln["phase"] == "summary"]
+    assert len(summaries) == 10 and all(len(ln["specialization"]) == 5 for ln in summaries)
+    # re-running the same command finishes at once from the saved units, same numbers
+    assert cli.main(argv) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["aggregate"]["experts"]["cil_acc"] == agg["experts"]["cil_acc"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert cli.main(["--dataset", "digits", "--task_count", "3", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "divide" in err and err.count("\n") == 0 and not workdir.exists()
+    assert cli.main(["--dataset", "digits", "--keep", "0", "--workdir", str(workdir)]) == 2
+    assert "--keep" in capsys.readouterr().err

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
+from experiments import runner
 from experiments.common import UsageError, add_data_flags, guarded, show_progress
-from modkd_jax import checkpoint, data, metrics, models, rundir
+from modkd_jax import data, models
 from modkd_jax.methods import mind
-
-RULES = ("til", "cil", "cil_entropy")
 
 # Per-dataset defaults; CIFAR is the paper's protocol, the small sets use an MLP.
 DEFAULTS = {
@@ -96,80 +91,15 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     """
     scenario = build_scenario(cfg, data_dir, tfds_dir)
     try:
-        mind_cfg = mind.MindConfig(**{**cfg["mind"], "hidden": tuple(cfg["mind"]["hidden"])})
-        method = mind.setup(mind_cfg, scenario)
+        learner = runner.mind_learner(mind.MindConfig(**{**cfg["mind"], "hidden": tuple(cfg["mind"]["hidden"])}),
+                                      scenario)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    workdir = rundir.open_run(workdir, cfg)  # only once the input is known to be good
-    T = scenario.task_count
-    key = jax.random.key(cfg["seed"])
-    init_key, task_key = jax.random.split(key)
-    state = mind.init_state(method, init_key)
-    R = {rule: np.full((T, T), np.nan) for rule in RULES + ("task_id",)}
-    like = {"state": state, "R": R, "rng": checkpoint.key_to_array(task_key)}
-    mngr = checkpoint.manager(workdir)
-    start, seconds, infos = 0, [], []
-    restored = checkpoint.latest(mngr, like)
-    if restored is not None:
-        _, ckpt, meta = restored
-        state, R = ckpt["state"], {k: np.asarray(v) for k, v in ckpt["R"].items()}
-        task_key = checkpoint.array_to_key(ckpt["rng"])
-        start, seconds, infos = meta["next_task"], meta["seconds"], meta["infos"]
-        echo(f"resuming {workdir} after task {start - 1}")
-    rundir.truncate_metrics(workdir, start)
-    log = lambda rec: rundir.log_metrics(workdir, rec)  # noqa: E731
-    tests = [task.test for task in scenario.tasks]
-    for t in range(start, T if stop_after is None else min(T, stop_after)):
-        t0 = time.perf_counter()
-        state, info = mind.learn_task(method, state, t, jax.random.fold_in(task_key, t), log=log, progress=progress)
-        accs = mind.evaluate(method, state, tests, seen=t + 1)
-        for rule in R:
-            R[rule][t] = accs[rule]
-        info["seconds"] = time.perf_counter() - t0
-        seconds.append(info["seconds"])
-        infos.append(info)
-        summary = {"task": t, "phase": "summary", **info,
-                   **{f"{rule}_avg": metrics.average_accuracy(R[rule], t) for rule in RULES},
-                   **{f"{rule}_row": R[rule][t] for rule in RULES}}
-        log(summary)
-        echo(f"task {t + 1}/{T} {scenario.tasks[t].name}: TIL {100 * summary['til_avg']:.2f}%  "
-             f"CIL {100 * summary['cil_avg']:.2f}%  capacity left {100 * info['capacity_left']:.1f}%  "
-             f"{info['seconds']:.1f}s")
-        checkpoint.save(mngr, t + 1, {"state": state, "R": R, "rng": checkpoint.key_to_array(task_key)},
-                        rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos}))
-    done = len(seconds)
-    results = {
-        "method": "mind_self_distillation" if mind_cfg.self_distillation else "mind",
-        "config": cfg, "tasks": [task.name for task in scenario.tasks], "tasks_done": done,
-        "classes": [task.classes for task in scenario.tasks],
-        "accuracy_matrix": {rule: R[rule] for rule in RULES}, "task_id_matrix": R["task_id"],
-        "summary": {rule: metrics.summarize(R[rule][:done, :done]) if done else {} for rule in RULES},
-        "seconds_per_task": seconds, "task_infos": infos,
-        "params": {"student": models.param_count(state["params"]),
-                   "teacher": models.param_count(models.init(method.teacher, jax.random.key(0),
-                                                             scenario.input_shape)[0])},
-    }
-    rundir.write_json(workdir / "results.json", results)
-    rundir.plot_matrices(workdir / "accuracy_matrices.png", {f"{rule.upper()} R[i,j]": R[rule] for rule in RULES},
-                         title=f"MIND on {scenario.name}")
-    if done == T:
-        echo(final_table(results))
-    mngr.close()
-    return results
+    return runner.run(learner, scenario, cfg, workdir, progress=progress, stop_after=stop_after, echo=echo,
+                      title=f"MIND on {scenario.name}")
 
 
-def final_table(results: dict) -> str:
-    """The end-of-run table: average accuracy after each task, final forgetting, seconds."""
-    R = {rule: np.asarray(results["accuracy_matrix"][rule], float) for rule in RULES}
-    lines = ["", "after task | TIL avg | CIL avg | CIL (entropy) avg | seconds",
-             "-----------|---------|---------|-------------------|--------"]
-    for t, sec in enumerate(results["seconds_per_task"]):
-        lines.append(f"{t + 1:>10} | " + " | ".join(
-            f"{100 * metrics.average_accuracy(R[r], t):>{w}.2f}" for r, w in zip(RULES, (7, 7, 17))) + f" | {sec:.1f}")
-    s = results["summary"]
-    lines.append(f"final: TIL {100 * s['til']['average_accuracy']:.2f}% (forgetting {100 * s['til']['forgetting']:.2f}), "
-                 f"CIL {100 * s['cil']['average_accuracy']:.2f}% (forgetting {100 * s['cil']['forgetting']:.2f})")
-    return "\n".join(lines)
+final_table = runner.final_table  # the end-of-run table, shared with the baselines
 
 
 @guarded

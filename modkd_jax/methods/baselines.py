@@ -1,0 +1,402 @@
+"""Baselines for MIND under the same protocol: fine-tuning, joint training, PackNet, LwF and EWC.
+
+Single-head methods (``finetune``, ``joint``, ``lwf``, ``ewc``) train one
+network with one batch norm and all tasks' class blocks side by side in one
+head. Their cross-entropy runs over the classes of every task seen so far
+(``head="seen"``, the class-incremental protocol of van de Ven et al. 2019
+behind the published Split MNIST anchors) or only over the task's own block
+(``head="task"``). Task-incremental accuracy is the argmax over the true
+task's block, class-incremental the argmax over all seen blocks.
+
+- ``finetune``: plain training task after task (the lower bound).
+- ``joint``: after task t, continue training on the pooled training data of
+  tasks 0..t (cumulative; the upper bound, and a full accuracy matrix).
+- ``lwf``: CE + alpha * T^2 KL between the previous model's and the network's
+  softmax over the classes of earlier tasks (Li & Hoiem 2016, single head).
+- ``ewc``: CE + lambda * 0.5 * sum F (w - w*)^2; F is the diagonal empirical
+  Fisher (per-example squared gradients of log p(y|x)) summed over the tasks
+  so far and w* the weights after the last task (online EWC with gamma = 1).
+
+``packnet`` (Mallya & Lazebnik 2018) uses MIND's network and owner map: train
+the free weights (earlier tasks' weights frozen, in the forward pass), keep
+the largest-|w| 1/N share of the layer for the task (``masks.assign`` with the
+magnitude policy, so capacity matches MIND's), reset the rest to zero for
+later tasks, retrain the kept share; no distillation. Inference per
+sub-network, class-incremental by MIND's max-probability rule.
+
+State is an explicit pytree: ``{"params", "batch_stats"}`` plus ``"fisher"``
+(EWC) or ``"owner"`` (PackNet); ``learn_task`` maps (state, task) to the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from modkd_jax import losses, masks, models, training
+from modkd_jax.data import batching
+from modkd_jax.data.scenarios import Scenario, Split
+from modkd_jax.methods.mind import block_size_of
+
+PyTree = Any
+
+METHODS = ("finetune", "joint", "packnet", "lwf", "ewc")
+SINGLE_HEAD = ("finetune", "joint", "lwf", "ewc")
+HEADS = ("seen", "task")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """Hyperparameters of a baseline run; training flags mean what they mean for MIND's teacher."""
+
+    method: str = "finetune"
+    arch: str = "resnet32"
+    hidden: tuple[int, ...] = (400, 400)  # MLP widths
+    epochs: int = 50  # training epochs per task (PackNet: before pruning)
+    retrain_epochs: int = 50  # PackNet: retraining the kept share after pruning
+    batch_size: int = 256
+    lr: float = 0.005
+    lr_milestone: float = 0.7  # lr halved at this fraction of each phase's epochs
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    head: str = "seen"  # single-head CE over all seen classes, or over the task's block only
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    ewc_lambda: float = 1000.0
+    ewc_samples: int = 1024  # training examples per task the Fisher is estimated on
+    temperature: float = 6.5  # PackNet inference temperature (max-probability rule), MIND's tau
+    crop_flip: bool = True
+    eval_batch_size: int = 512
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; expected 'seen' or 'task'")
+        if min(self.epochs, self.retrain_epochs, self.batch_size, self.ewc_samples) < 1:
+            raise ValueError("epochs, retrain_epochs, batch_size and ewc_samples must be at least 1")
+        if self.ewc_lambda < 0 or self.lwf_alpha < 0:
+            raise ValueError("ewc_lambda and lwf_alpha must be non-negative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """Everything static about a baseline run: network, compiled steps and evaluators."""
+
+    cfg: BaselineConfig
+    scenario: Scenario
+    model: Any
+    apply_fn: Callable  # the network's apply; single-head: the task id never selects batch norm
+    kinds: PyTree
+    block_size: int
+    tx: Any
+    step: Callable
+    eval_fn: Callable
+    fisher_fn: Callable | None  # EWC
+    dense_eval: Callable | None  # PackNet: one sub-network on its own block (validation)
+
+    @property
+    def task_count(self) -> int:
+        return self.scenario.task_count
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """Accuracy rules this method reports (the entropy rule needs sub-networks)."""
+        return ("til", "cil", "cil_entropy") if self.cfg.method == "packnet" else ("til", "cil")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss terms (pure, tested on their own)
+
+
+def class_window(num_outputs: int, lo, hi) -> jax.Array:
+    """Boolean mask of the output classes ``lo <= c < hi`` (bounds may be traced)."""
+    c = jnp.arange(num_outputs)
+    return (c >= lo) & (c < hi)
+
+
+def lwf_term(student_logits: jax.Array, teacher_logits: jax.Array, task, block_size: int,
+             temperature: float) -> jax.Array:
+    """LwF: T^2 KL(old model || network) of the softmax over earlier tasks' classes; 0 on task 0."""
+    old = class_window(student_logits.shape[-1], 0, task * block_size)
+    kd = losses.kd_kl(losses.masked_logits(student_logits, old), losses.masked_logits(teacher_logits, old),
+                      temperature)
+    return jnp.where(task > 0, kd, 0.0)
+
+
+def ewc_penalty(params: PyTree, anchor: PyTree, fisher: PyTree) -> jax.Array:
+    """EWC: 0.5 * sum F (w - w*)^2 over every parameter (zero at the anchor)."""
+    terms = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, anchor, fisher)
+    return 0.5 * sum(jax.tree.leaves(terms))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled pieces
+
+
+def _single_head_apply(model) -> Callable:
+    """``apply(variables, x, task, ...)`` of a one-batch-norm network: the task id is not used."""
+
+    def apply(variables, x, task=0, train=False, **kwargs):
+        return model.apply(variables, x, 0, train=train, **kwargs)
+
+    return apply
+
+
+def make_head_step(apply_fn: Callable, cfg: BaselineConfig, block_size: int, mean, std, tx,
+                   *, global_labels: bool = False):
+    """The single-head train step, with ``training.make_train_step``'s signature (so ``run_phase`` drives it).
+
+    ``aux`` (the teacher slot) is ``{"old": variables}`` for LwF, ``{"anchor", "fisher"}``
+    for EWC, else None. Labels are task-local (``global_labels=False``) or already
+    global class ids (joint training on pooled tasks).
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+    k, method = block_size, cfg.method
+
+    def step(carry, x, y, key, task, fwd_mask, trn_mask, aux):
+        params, batch_stats, opt_state = carry
+        xf = batching.augment(key, x, mean, std, cfg.crop_flip)
+        labels = y if global_labels else y + task * k
+        lo = 0 if (cfg.head == "seen" or global_labels) else task * k
+        t_logits = None
+        if method == "lwf":
+            t_logits = jax.lax.stop_gradient(apply_fn(aux["old"], xf, task, train=False))
+
+        def loss_fn(p):
+            logits, new = apply_fn({"params": masks.gate(p, fwd_mask), "batch_stats": batch_stats}, xf, task,
+                                   train=True, mutable=["batch_stats"])
+            z = losses.masked_logits(logits, class_window(logits.shape[-1], lo, (task + 1) * k))
+            ce = losses.cross_entropy(z, labels)
+            if method == "lwf":
+                reg = cfg.lwf_alpha * lwf_term(logits, t_logits, task, k, cfg.lwf_temperature)
+            elif method == "ewc":
+                reg = cfg.ewc_lambda * ewc_penalty(p, aux["anchor"], aux["fisher"])
+            else:
+                reg = jnp.zeros(())
+            acc = jnp.mean(jnp.argmax(z, -1) == labels)
+            return ce + reg, (new["batch_stats"], {"ce": ce, "reg": reg, "acc": acc})
+
+        (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, mask=trn_mask)
+        params = optax.apply_updates(params, updates)
+        return (params, batch_stats, opt_state), {"loss": loss, **metrics}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_head_eval(apply_fn: Callable, block_size: int, mean, std):
+    """``eval(variables, x, y, valid, true_task, seen) -> correct counts`` of a single-head network, jitted.
+
+    til: argmax over the true task's block; cil: argmax over the blocks of the
+    first ``seen`` tasks; task_id: that argmax falls in the true task's block.
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def evaluate(variables, x, y, valid, true_task, seen):
+        logits = apply_fn(variables, batching.to_float(x, mean, std), true_task, train=False)
+        til = jnp.argmax(training.block(logits, true_task, block_size), -1) == y
+        cls = jnp.argmax(losses.masked_logits(logits, class_window(logits.shape[-1], 0, seen * block_size)), -1)
+        return {"til": jnp.sum(valid & til), "cil": jnp.sum(valid & (cls == true_task * block_size + y)),
+                "task_id": jnp.sum(valid & (cls // block_size == true_task))}
+
+    return evaluate
+
+
+def make_fisher(apply_fn: Callable, cfg: BaselineConfig, block_size: int, mean, std):
+    """``fisher(variables, x, y, valid, task) -> sum of squared per-example grads of log p(y|x)``, jitted.
+
+    p is the softmax over the classes the training loss sees (the seen ones, or the task's block).
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def fisher(variables, x, y, valid, task):
+        xf = batching.to_float(x, mean, std)
+        lo = 0 if cfg.head == "seen" else task * block_size
+
+        def log_p(params, xi, yi):
+            logits = apply_fn({"params": params, "batch_stats": variables["batch_stats"]}, xi[None], task,
+                              train=False)[0]
+            z = losses.masked_logits(logits, class_window(logits.shape[-1], lo, (task + 1) * block_size))
+            return jax.nn.log_softmax(z)[yi + task * block_size]
+
+        grads = jax.vmap(jax.grad(log_p), in_axes=(None, 0, 0))(variables["params"], xf, y)
+        w = valid.astype(jnp.float32)
+        return jax.tree.map(lambda g: jnp.tensordot(w, jnp.square(g), axes=1), grads)
+
+    return fisher
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up, state, one task, evaluation
+
+
+def _build(cfg: BaselineConfig, num_outputs: int, num_tasks: int):
+    kwargs = {"hidden": tuple(cfg.hidden)} if cfg.arch == "mlp" else {}
+    return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
+
+
+def setup(cfg: BaselineConfig, scenario: Scenario) -> Baseline:
+    """Network, compiled step and evaluator for ``cfg`` on ``scenario``."""
+    k = block_size_of(scenario)
+    T = scenario.task_count
+    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
+    tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
+    if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
+        model = _build(cfg, k * T, T)
+        apply_fn = model.apply
+        spec = training.StepSpec(apply_fn, block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, loss="ce")
+        step = training.make_train_step(spec, tx)
+        eval_fn = training.make_subnet_eval(apply_fn, T, k, cfg.temperature, mean, std)
+        fisher_fn, dense_eval = None, training.make_dense_eval(apply_fn, k, mean, std)
+    else:
+        model = _build(cfg, k * T, 1)
+        apply_fn = _single_head_apply(model)
+        step = make_head_step(apply_fn, cfg, k, mean, std, tx, global_labels=cfg.method == "joint")
+        eval_fn = make_head_eval(apply_fn, k, mean, std)
+        fisher_fn = make_fisher(apply_fn, cfg, k, mean, std) if cfg.method == "ewc" else None
+        dense_eval = None
+    params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
+    return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, eval_fn, fisher_fn,
+                    dense_eval)
+
+
+def init_state(b: Baseline, key: jax.Array) -> PyTree:
+    """The network before any task (plus an all-free owner map for PackNet, a zero Fisher for EWC)."""
+    params, batch_stats = models.init(b.model, key, b.scenario.input_shape)
+    state = {"params": params, "batch_stats": batch_stats}
+    if b.cfg.method == "packnet":
+        state["owner"] = masks.init_owners(params, b.kinds, (b.block_size,) * b.task_count)
+    if b.cfg.method == "ewc":
+        state["fisher"] = jax.tree.map(jnp.zeros_like, params)
+    return state
+
+
+def pooled_split(scenario: Scenario, upto: int, block_size: int) -> Split:
+    """Training data of tasks 0..upto pooled, labels as global class ids (task * block + local)."""
+    parts = [scenario.tasks[j].train for j in range(upto + 1)]
+    y = np.concatenate([p.y + j * block_size for j, p in enumerate(parts)]).astype(np.int32)
+    return Split(np.concatenate([p.x for p in parts]), y, np.concatenate([p.y_global for p in parts]))
+
+
+def fisher_diagonal(b: Baseline, variables: PyTree, split: Split, task: int) -> PyTree:
+    """Diagonal empirical Fisher of ``task`` on the first ``ewc_samples`` training examples (a mean)."""
+    n = min(b.cfg.ewc_samples, len(split.y))
+    total = None
+    for x, y, valid in training.pad_batches(split.x[:n], split.y[:n], min(128, n)):
+        f = b.fisher_fn(variables, x, y, valid, jnp.int32(task))
+        total = f if total is None else jax.tree.map(jnp.add, total, f)
+    return jax.tree.map(lambda v: v / n, total)
+
+
+def _copy(tree: PyTree) -> PyTree:
+    """Fresh buffers (the train step donates its carry; a teacher or anchor must not alias it)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _run(b: Baseline, name: str, carry, split, *, epochs, key, task, fwd, trn, aux=None, log=None,
+         progress=True):
+    def tagged(m):
+        if log is not None:
+            log({"task": task, "phase": name, **m})
+
+    return training.run_phase(b.step, carry, split, epochs=epochs, batch_size=b.cfg.batch_size,
+                              base_lr=b.cfg.lr, milestone=b.cfg.lr_milestone, key=key, task=task, fwd_mask=fwd,
+                              trn_mask=trn, teacher_vars=aux, desc=f"task {task} {name}", log=tagged,
+                              progress=progress)
+
+
+def _prune_free(params: PyTree, owner: PyTree, kinds: PyTree) -> PyTree:
+    """PackNet's pruning: gated weights no task kept are reset to zero (later tasks start them from zero)."""
+    return jax.tree.map(lambda p, o, kind: jnp.where(o == masks.FREE, jnp.zeros_like(p), p)
+                        if kind == masks.GATED else p, params, owner, kinds)
+
+
+def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, progress) -> tuple[PyTree, dict]:
+    cfg, task, T = b.cfg, b.scenario.tasks[t], b.task_count
+    k_train, k_retrain = jax.random.split(key)
+    params, batch_stats, owner = state["params"], state["batch_stats"], state["owner"]
+    # Train the free weights; earlier tasks' weights compute but stay frozen (FREE = -1 <= t).
+    fwd = jax.tree.map(lambda o: o <= t, owner)
+    trn = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
+    carry = (params, batch_stats, b.tx.init(params))
+    params, batch_stats, _ = _run(b, "train", carry, task.train, epochs=cfg.epochs, key=k_train, task=t, fwd=fwd,
+                                  trn=trn, log=log, progress=progress)
+    # Keep the largest trained |w| (a 1/N share of each layer, as MIND), prune the rest, retrain what was kept.
+    owner = masks.assign(owner, b.kinds, t, T, policy="magnitude", weights=params)
+    params = _prune_free(params, owner, b.kinds)
+    fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
+    carry = (params, batch_stats, b.tx.init(params))
+    params, batch_stats, _ = _run(b, "retrain", carry, task.train, epochs=cfg.retrain_epochs, key=k_retrain,
+                                  task=t, fwd=fwd, trn=trn, log=log, progress=progress)
+    state = {"params": params, "batch_stats": batch_stats, "owner": owner}
+    info = {"val_til_acc": training.dense_accuracy(
+                b.dense_eval, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,
+                cfg.eval_batch_size),
+            "capacity_left": masks.capacity_left(owner, b.kinds)}
+    return state, info
+
+
+def _learn_single_head(b: Baseline, state: PyTree, t: int, key: jax.Array, log, progress) -> tuple[PyTree, dict]:
+    cfg, task = b.cfg, b.scenario.tasks[t]
+    params, batch_stats = state["params"], state["batch_stats"]
+    full = masks.full_mask(params)
+    aux, split = None, task.train
+    if cfg.method == "lwf":
+        aux = {"old": _copy({"params": params, "batch_stats": batch_stats})}
+    elif cfg.method == "ewc":
+        aux = {"anchor": _copy(params), "fisher": state["fisher"]}
+    elif cfg.method == "joint":
+        split = pooled_split(b.scenario, t, b.block_size)
+    carry = (params, batch_stats, b.tx.init(params))
+    params, batch_stats, _ = _run(b, cfg.method, carry, split, epochs=cfg.epochs, key=key, task=t, fwd=full,
+                                  trn=full, aux=aux, log=log, progress=progress)
+    state = {"params": params, "batch_stats": batch_stats}
+    info = {}
+    if cfg.method == "ewc":
+        f_t = fisher_diagonal(b, state, task.train, t)
+        state["fisher"] = jax.tree.map(jnp.add, aux["fisher"], f_t)
+        info["fisher_mean"] = float(np.mean([float(jnp.mean(v)) for v in jax.tree.leaves(f_t)]))
+    info["val_til_acc"] = float(_accuracies(b, state, [task.val], t + 1, [t])["til"][0])
+    return state, info
+
+
+def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
+               progress: bool = True) -> tuple[PyTree, dict]:
+    """Train task ``t`` into ``state``; returns the new state and a summary (val accuracy, seconds)."""
+    start = time.perf_counter()
+    learn = _learn_packnet if b.cfg.method == "packnet" else _learn_single_head
+    state, info = learn(b, state, t, key, log, progress)
+    return state, {"task": t, **info, "seconds": time.perf_counter() - start}
+
+
+def _accuracies(b: Baseline, state: PyTree, splits, seen: int, task_ids) -> dict[str, np.ndarray]:
+    """Single-head accuracy per rule (til, cil, task_id) on each split."""
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    batch_size = max(1, min(b.cfg.eval_batch_size, max(len(s.y) for s in splits)))
+    out: dict[str, list[float]] = {}
+    for j, split in zip(task_ids, splits):
+        totals: dict[str, int] = {}
+        for x, y, valid in training.pad_batches(split.x, split.y, batch_size):
+            for r, v in b.eval_fn(variables, x, y, valid, jnp.int32(j), jnp.int32(seen)).items():
+                totals[r] = totals.get(r, 0) + int(v)
+        for r, v in totals.items():
+            out.setdefault(r, []).append(v / len(split.y) if len(split.y) else np.nan)
+    return {r: np.asarray(v) for r, v in out.items()}
+
+
+def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
+    """Accuracy per rule (til, cil[, cil_entropy], task_id) on ``splits`` of tasks ``task_ids`` (default 0..)."""
+    task_ids = list(range(len(splits)) if task_ids is None else task_ids)
+    if b.cfg.method == "packnet":
+        return training.evaluate_tasks(b.eval_fn, state["params"], state["batch_stats"], state["owner"], splits,
+                                       seen, b.cfg.eval_batch_size, task_ids)
+    return _accuracies(b, state, splits, seen, task_ids)

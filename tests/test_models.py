@@ -91,3 +91,115 @@ def test_mlp_subnetwork_unchanged_when_next_task_trains():
 
 def test_resnet32_subnetwork_unchanged_when_next_task_trains():
     _isolation("resnet32", (32, 32, 3))
+
+
+# --- convolution lowerings and materialize (issue 5: same numerics whichever lowering runs) ---
+
+from modkd_jax.models import layers, resnet  # noqa: E402
+
+CONV_CASES = [  # (kernel, stride, pad, input HxW, cin, cout): ResNet-32/18 convs, stem and projections
+    (3, 1, 1, 8, 16, 16), (3, 2, 1, 9, 16, 32), (1, 2, 0, 8, 16, 32), (7, 2, 3, 12, 3, 8), (1, 1, 0, 5, 4, 4)]
+
+
+@pytest.mark.parametrize("k,stride,pad,hw,cin,cout", CONV_CASES)
+def test_conv_lowerings_agree(k, stride, pad, hw, cin, cout):
+    """'patches' (im2col + matmul) matches XLA's conv to float32 rounding; 'bf16' to bfloat16 rounding."""
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw, cin))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / np.sqrt(k * k * cin)
+    ref = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+    xla = layers.conv2d(x, w, stride, pad, "xla")
+    patches = layers.conv2d(x, w, stride, pad, "patches")
+    bf16 = layers.conv2d(x, w, stride, pad, "bf16")
+    assert xla.shape == patches.shape == bf16.shape == ref.shape
+    assert xla.dtype == patches.dtype == bf16.dtype == jnp.float32
+    np.testing.assert_allclose(xla, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(patches, ref, rtol=1e-5, atol=1e-5)
+    # bf16 operands carry 8 significant bits: |error| ~ 2^-8 of the operands' scale, accumulated in float32
+    np.testing.assert_allclose(bf16, ref, rtol=0, atol=3e-2 * float(jnp.max(jnp.abs(ref))))
+    assert not np.array_equal(bf16, xla)  # really computed in bfloat16
+
+
+def test_conv_lowerings_agree_on_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 8)) / 6.0
+
+    def grads(impl):
+        return jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, 2, 1, impl))), argnums=(0, 1))(x, w)
+
+    for a, b in zip(grads("xla"), grads("patches")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads("xla"), grads("bf16")):
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-2 * float(jnp.max(jnp.abs(a))))
+
+
+def test_unknown_conv_lowering_is_refused():
+    with pytest.raises(ValueError, match="unknown conv impl 'winograd'"):
+        layers.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="winograd")
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        resnet.resnet32(10, conv_impl="winograd")
+
+
+def test_resnet32_lowerings_share_parameters_and_agree():
+    """Every lowering has the same parameter tree (checkpoints interchange) and the same outputs within tolerance."""
+    x = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+    ref_model = resnet.resnet32(10, 2, conv_impl="xla")
+    params, stats = models.init(ref_model, jax.random.key(0), (32, 32, 3))
+    variables = {"params": params, "batch_stats": stats}
+    ref = ref_model.apply(variables, x, 1, train=False)
+    for impl, atol in (("patches", 1e-4), ("bf16", 5e-2)):
+        model = resnet.resnet32(10, 2, conv_impl=impl)
+        p2, _ = models.init(model, jax.random.key(0), (32, 32, 3))
+        assert jax.tree.structure(p2) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)  # same init, same layout
+        out = model.apply(variables, x, 1, train=False)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=atol * max(1.0, float(jnp.max(jnp.abs(ref)))))
+
+
+def test_materialize_is_the_identity_bit_for_bit():
+    """``x / sign(|x| + 1)`` returns every float32 and bfloat16 bit pattern unchanged (NaNs stay NaN).
+
+    Subnormals are the exception XLA:CPU makes for every arithmetic op (flush to
+    zero): they come back as a zero of the same sign, like ``x * 1`` does.
+    """
+    bits = np.random.default_rng(0).integers(0, 2 ** 32, 100_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38,
+                        1.0, -1.0], np.float32).view(np.uint32)
+    x = np.concatenate([bits, special]).view(np.float32)
+    out = np.asarray(jax.jit(layers.materialize)(x))
+    times_one = np.asarray(jax.jit(lambda v, one: v * one)(x, np.float32(1.0)))  # a runtime 1
+    normal = ~np.isnan(x) & ((np.abs(x) >= np.finfo(np.float32).tiny) | (x == 0) | np.isinf(x))
+    np.testing.assert_array_equal(out[normal].view(np.uint32), x[normal].view(np.uint32))
+    assert np.all(np.isnan(out[np.isnan(x)]))
+    sub = ~normal & ~np.isnan(x)
+    assert sub.sum() > 0  # the sample does hold subnormals
+    np.testing.assert_array_equal(out[sub], times_one[sub])  # what XLA:CPU makes of them anyway
+    np.testing.assert_array_equal(np.signbit(out[sub]), np.signbit(x[sub]))
+    xb = jnp.asarray(x[normal]).astype(jnp.bfloat16)
+    xb = xb[jnp.abs(xb.astype(jnp.float32)) >= float(jnp.finfo(jnp.bfloat16).tiny)]
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize)(xb)).view(np.uint16),
+                                  np.asarray(xb).view(np.uint16))
+    g = jax.grad(lambda v: jnp.sum(layers.materialize(v) * 3.0))(jnp.asarray(x[normal][:100]))
+    np.testing.assert_array_equal(g, np.full(100, 3.0, np.float32))  # gradient is the identity's too
+
+
+def test_materialize_leaves_the_resnet_step_unchanged():
+    """ResNet-32 outputs, loss and gradients with and without ``materialize`` agree bit for bit in float32."""
+    x = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    y = jnp.arange(8) % 10
+    on, off = resnet.resnet32(10, 1, materialize=True), resnet.resnet32(10, 1, materialize=False)
+    params, stats = models.init(on, jax.random.key(0), (32, 32, 3))
+
+    def loss_and_grads(model):
+        def loss(p):
+            z, new = model.apply({"params": p, "batch_stats": stats}, x, 0, train=True, mutable=["batch_stats"])
+            return jnp.mean(jax.nn.log_softmax(z)[jnp.arange(8), y]), new
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (l_on, s_on), g_on = loss_and_grads(on)
+    (l_off, s_off), g_off = loss_and_grads(off)
+    np.testing.assert_array_equal(l_on, l_off)
+    for a, b in zip(jax.tree.leaves((s_on, g_on)), jax.tree.leaves((s_off, g_off))):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,164 @@
+"""Device meshes and data parallelism: the same jitted steps on one device, a GPU box or a TPU pod.
+
+Nothing here is a second implementation of a step. A mesh has two axes,
+``("agents", "data")``: batches are split along ``data``, parameters, owner
+maps, masks and optimizer state are replicated, and the library's jitted
+functions (``training.make_train_step``, ``training.make_subnet_eval``,
+``routing.subnet_probs`` inside them) run unchanged under ``jax.jit`` sharding
+annotations; XLA inserts the cross-device reductions. Batch-norm statistics are
+therefore *global*: the batch mean in ``TaskBatchNorm`` is a mean over the
+whole sharded batch, exactly as on one device. The ``agents`` axis (size 1 by
+default) is room for decentralized runs that place one agent per mesh row::
+
+    from modkd_jax import parallel, training
+    mesh = parallel.make_mesh()                       # all devices on "data"
+    step = parallel.data_parallel(training.make_train_step(spec, tx), mesh)
+    carry = parallel.replicate(mesh, carry)
+    carry, metrics = step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars)
+
+``data_parallel`` splits the arguments named by ``batch_argnums`` (default:
+``x`` and ``y`` of a train step) along ``data``, replicates every other one
+and returns replicated outputs, so a carry keeps its layout from step to step
+(no recompiles). The global batch must divide by the ``data`` axis size.
+
+Multi-host (TPU pods, several GPU nodes): call
+``maybe_initialize_distributed(True)`` first thing in every process (see its
+docstring); each process then feeds its own slice of the global batch and
+``shard_batch`` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+AXES = ("agents", "data")
+
+
+def maybe_initialize_distributed(enabled: bool, **kwargs) -> bool:
+    """Start JAX's multi-host runtime when ``enabled``; returns whether it was started.
+
+    Call it once per process before any other JAX call. On Cloud TPU pods and
+    on SLURM / Open MPI clusters ``jax.distributed.initialize()`` finds the
+    coordinator, the process count and the process id itself, so run the same
+    command on every host, e.g.
+    ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m experiments.mind --distributed"``.
+    Elsewhere pass them (``coordinator_address="host0:1234", num_processes=N,
+    process_id=i``) as keyword arguments, or set ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Afterwards ``jax.devices()``
+    lists every device of every host, ``make_mesh()`` spans them all, and each
+    process passes only its own rows of a batch to ``shard_batch``.
+    ``enabled=False`` (single host) does nothing.
+    """
+    if not enabled:
+        return False
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def make_mesh(data: int | None = None, agents: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes ``("agents", "data")`` over ``devices`` (default: every device of every process).
+
+    ``data`` defaults to the device count divided by ``agents``; ``agents *
+    data`` devices are used (the first ones). Axes are ``Auto``: XLA propagates
+    shardings from the annotations (plain ``jit``, no explicit-sharding types).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if agents < 1:
+        raise ValueError(f"agents must be at least 1, got {agents}")
+    if data is None:
+        data = len(devices) // agents
+    if data < 1 or agents * data > len(devices):
+        raise ValueError(f"a mesh of {agents} agents x {data} data needs {agents * data} devices, "
+                         f"{len(devices)} available")
+    grid = np.asarray(devices[:agents * data], dtype=object).reshape(agents, data)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, owner maps, masks, optimizer state)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Axis ``axis`` (the batch axis: 0 for inputs, 1 for ``subnet_probs``' output) split along ``data``."""
+    return NamedSharding(mesh, P(*([None] * axis), "data"))
+
+
+def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
+    """``tree`` copied to every device of ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def _check_batch(x, size: int) -> None:
+    if np.ndim(x) == 0:
+        raise ValueError("a batch argument must have a leading batch axis, got a scalar")
+    if np.shape(x)[0] % size:
+        raise ValueError(f"batch of {np.shape(x)[0]} does not split over {size} devices along 'data'; "
+                         f"use a batch size divisible by {size}")
+
+
+def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
+    """Every array of ``tree`` split along its leading axis over ``data``.
+
+    Single process: ``tree`` is the global batch. Several processes: ``tree`` is
+    this process's share (its rows of the global batch), as every process
+    feeds its own data.
+    """
+    sharding = batch_sharding(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        _check_batch(x, mesh.shape["data"])
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1, 2),
+                  donate_argnums: Sequence[int] = (0,), out_shardings: PyTree = None) -> Callable:
+    """``fn`` (a jitted step or evaluator of this library) data-parallel on ``mesh``.
+
+    Positional arguments in ``batch_argnums`` are split along ``data`` (their
+    leading axis), all others replicated; outputs are replicated unless
+    ``out_shardings`` says otherwise (a pytree prefix of ``NamedSharding``).
+    ``fn`` runs unchanged: this is ``jax.jit`` with sharding annotations, and
+    the reductions over the batch (losses, gradients, batch-norm statistics)
+    become global reductions across the mesh.
+    """
+    batch_argnums = tuple(batch_argnums)
+    rep, bat = replicated(mesh), batch_sharding(mesh)
+    outs = rep if out_shardings is None else out_shardings
+    compiled: dict[int, Callable] = {}
+
+    def prepare(args):
+        n = len(args)
+        if n not in compiled:
+            shardings = tuple(bat if i in batch_argnums else rep for i in range(n))
+            compiled[n] = jax.jit(fn, in_shardings=shardings, out_shardings=outs,
+                                  donate_argnums=tuple(i for i in donate_argnums if i < n))
+        # Host arrays and single-device batches go to their shards, everything else to every device; arrays
+        # already placed pass through untouched (no copy, so donation still reuses their buffers).
+        args = [shard_batch(mesh, a) if i in batch_argnums else jax.device_put(a, rep) for i, a in enumerate(args)]
+        return compiled[n], args
+
+    def run(*args):
+        jitted, args = prepare(args)
+        return jitted(*args)
+
+    def lower(*args):
+        """The lowered program for these arguments (``.compile().as_text()`` shows the collectives)."""
+        jitted, args = prepare(args)
+        return jitted.lower(*args)
+
+    run.mesh, run.lower = mesh, lower
+    run.compiled_count = lambda: sum(f._cache_size() for f in compiled.values())  # recompiles show up here
+    return run

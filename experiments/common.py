@@ -48,3 +48,24 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             return 130
 
     return wrapper
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """--devices (data-parallel width) and --distributed (multi-host start, TPU pods / GPU clusters)."""
+    parser.add_argument("--devices", type=int, default=0,
+                        help="devices on the 'data' mesh axis (0: all visible; 1: no mesh)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (run the same command on every host)")
+
+
+def mesh_from_args(args: argparse.Namespace):
+    """The data-parallel mesh the flags ask for, or None for a single device (the plain jitted steps)."""
+    from modkd_jax import parallel
+
+    parallel.maybe_initialize_distributed(args.distributed)
+    import jax
+
+    n = jax.device_count() if args.devices == 0 else args.devices
+    if n < 1 or n > jax.device_count():
+        raise UsageError(f"--devices {args.devices}: {jax.device_count()} device(s) visible")
+    return None if n == 1 else parallel.make_mesh(data=n)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from experiments import runner
-from experiments.common import UsageError, add_data_flags, guarded, show_progress
+from experiments.common import UsageError, add_data_flags, add_parallel_flags, guarded, mesh_from_args, show_progress
 from modkd_jax import data, models
 from modkd_jax.methods import mind
 
@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_augment", action="store_true", help="disable crop+flip on CIFAR")
     p.add_argument("--val_fraction", type=float, default=0.1, help="held out from train for monitoring")
     p.add_argument("--workdir", default=None, help="run directory (default runs/mind_<dataset>_...)")
+    add_parallel_flags(p)
     return p
 
 
@@ -84,15 +85,16 @@ def build_scenario(cfg: dict, data_dir=None, tfds_dir=None) -> data.Scenario:
 
 
 def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progress: bool = False,
-        stop_after: int | None = None, echo=print) -> dict:
+        stop_after: int | None = None, echo=print, mesh=None) -> dict:
     """Run (or resume) MIND as configured; returns the results dict written to results.json.
 
-    ``stop_after`` ends the run after that many finished tasks (to test resuming).
+    ``stop_after`` ends the run after that many finished tasks (to test resuming); ``mesh``
+    (``parallel.make_mesh``) runs the same steps data-parallel.
     """
     scenario = build_scenario(cfg, data_dir, tfds_dir)
     try:
         learner = runner.mind_learner(mind.MindConfig(**{**cfg["mind"], "hidden": tuple(cfg["mind"]["hidden"])}),
-                                      scenario)
+                                      scenario, mesh=mesh)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return runner.run(learner, scenario, cfg, workdir, progress=progress, stop_after=stop_after, echo=echo,
@@ -107,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.task_count is not None and args.task_count < 1:
         raise UsageError(f"--task_count must be at least 1, got {args.task_count}")
+    mesh = mesh_from_args(args)  # first: a multi-host start must precede any other JAX call
     cfg = resolve_config(args)
     workdir = args.workdir or f"runs/mind_{cfg['dataset']}_{cfg['scenario']}_{cfg['task_count']}_s{cfg['seed']}"
-    run(cfg, workdir, data_dir=args.data_dir, tfds_dir=args.tfds_dir, progress=show_progress())
+    run(cfg, workdir, data_dir=args.data_dir, tfds_dir=args.tfds_dir, progress=show_progress(), mesh=mesh)
     return 0
 
 

@@ -38,9 +38,9 @@ class Learner:
     param_counts: Callable[[PyTree], dict]
 
 
-def mind_learner(cfg: mind.MindConfig, scenario: Scenario) -> Learner:
-    """MIND (or its self-distillation variant) as a Learner."""
-    m = mind.setup(cfg, scenario)
+def mind_learner(cfg: mind.MindConfig, scenario: Scenario, mesh=None) -> Learner:
+    """MIND (or its self-distillation variant) as a Learner; data-parallel over ``mesh`` if given."""
+    m = mind.setup(cfg, scenario, mesh=mesh)
     teacher = models.param_count(models.init(m.teacher, jax.random.key(0), scenario.input_shape)[0])
     return Learner("mind_self_distillation" if cfg.self_distillation else "mind", ("til", "cil", "cil_entropy"),
                    lambda key: mind.init_state(m, key),

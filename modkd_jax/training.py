@@ -115,6 +115,11 @@ def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: floa
     if n == 0:
         raise ValueError(f"task {task} has no training examples")
     batch_size = min(batch_size, n)
+    mesh = getattr(step, "mesh", None)  # a data-parallel step: whole batches per device
+    if mesh is not None:
+        batch_size -= batch_size % mesh.shape["data"]
+        if batch_size == 0:
+            raise ValueError(f"task {task} has {n} training examples, fewer than the {mesh.shape['data']} devices")
     task_arr = jnp.asarray(task, jnp.int32)
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
     for epoch in bar:
@@ -147,6 +152,13 @@ def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple
         yield xb, yb, valid
 
 
+def _eval_batch(evaluate, batch_size: int) -> int:
+    """``batch_size`` (at least 1) rounded up to split evenly over a data-parallel evaluator's devices."""
+    mesh = getattr(evaluate, "mesh", None)
+    n = 1 if mesh is None else mesh.shape["data"]
+    return -(-max(1, batch_size) // n) * n
+
+
 def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, temperature: float,
                      mean, std):
     """``eval(params, batch_stats, owner, x, y, valid, true_task, seen) -> correct counts per rule``, jitted.
@@ -176,7 +188,7 @@ def evaluate_tasks(evaluate, params, batch_stats, owner, splits, seen: int, batc
     """
     rules: dict[str, list[float]] = {}
     task_ids = range(len(splits)) if task_ids is None else list(task_ids)
-    batch_size = max(1, min(batch_size, max(len(s.y) for s in splits)))  # small splits: pad less
+    batch_size = _eval_batch(evaluate, min(batch_size, max(len(s.y) for s in splits)))  # small splits: pad less
     for j, split in zip(task_ids, splits):
         totals: dict[str, int] = {}
         for x, y, valid in pad_batches(split.x, split.y, batch_size):
@@ -204,6 +216,6 @@ def dense_accuracy(evaluate, variables, split, task: int, batch_size: int) -> fl
     """Accuracy of ``evaluate`` (from ``make_dense_eval``) on one split; NaN for an empty split."""
     if len(split.y) == 0:
         return float("nan")
-    batch_size = min(batch_size, len(split.y))
+    batch_size = _eval_batch(evaluate, min(batch_size, len(split.y)))
     correct = sum(int(evaluate(variables, x, y, v, jnp.int32(task))) for x, y, v in pad_batches(split.x, split.y, batch_size))
     return correct / len(split.y)

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import masks, models, training
+from jax.sharding import Mesh
+
+from modkd_jax import masks, models, parallel, training
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
@@ -95,9 +97,16 @@ class Mind:
         return self.scenario.task_count
 
 
-def setup(cfg: MindConfig, scenario: Scenario) -> Mind:
-    """Networks, compiled steps and evaluators for ``cfg`` on ``scenario``."""
+def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind:
+    """Networks, compiled steps and evaluators for ``cfg`` on ``scenario``.
+
+    With a ``mesh`` (``parallel.make_mesh``) the same steps and evaluators run
+    data-parallel: batches split along ``data``, everything else replicated.
+    """
     k = block_size_of(scenario)
+    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {mesh.shape['data']} devices; "
+                         f"use a multiple of {mesh.shape['data']}")
     T = scenario.task_count
     student = _build(cfg, k * T, T)
     teacher = _build(cfg, k, 1)
@@ -123,11 +132,15 @@ def setup(cfg: MindConfig, scenario: Scenario) -> Mind:
         "self_distill": training.make_train_step(training.StepSpec(student.apply, loss="js", **common),
                                                  tx_distill, self_teacher_logits),
     }
+    evals = (training.make_subnet_eval(student.apply, T, k, cfg.temperature, mean, std),
+             training.make_dense_eval(teacher.apply, k, mean, std),
+             training.make_dense_eval(student.apply, k, mean, std))
+    if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
+        steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
+        evals = (parallel.data_parallel(evals[0], mesh, batch_argnums=(3, 4, 5), donate_argnums=()),
+                 *(parallel.data_parallel(e, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for e in evals[1:]))
     steps["tx_teacher"], steps["tx_distill"] = tx_teacher, tx_distill
-    return Mind(cfg, scenario, student, teacher, kinds, k, steps,
-                training.make_subnet_eval(student.apply, T, k, cfg.temperature, mean, std),
-                training.make_dense_eval(teacher.apply, k, mean, std),
-                training.make_dense_eval(student.apply, k, mean, std))
+    return Mind(cfg, scenario, student, teacher, kinds, k, steps, *evals)
 
 
 def init_state(mind: Mind, key: jax.Array) -> PyTree:

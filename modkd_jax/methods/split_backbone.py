@@ -61,6 +61,7 @@ import optax
 from tqdm.auto import tqdm
 
 from modkd_jax import losses, models, optim, routing
+from modkd_jax.models import layers
 from modkd_jax.data import batching, merged_stream
 
 PyTree = Any
@@ -340,20 +341,14 @@ def backbone_of(net: SplitBackbone, params: dict, stats: dict, task: int = 0) ->
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """NHWC x HWIO convolution with symmetric zero padding ``pad`` (PyTorch's arithmetic).
 
-    On maps of at most 4x4 pixels the convolution is an explicit patch matrix
-    times the kernel: XLA:CPU's convolution took 3.1 s for a 3x3 512->512 conv
-    on 64 maps of 2x2 (forward) against 0.015 s this way (2 cores; the
-    ``no_pool`` stem on 32 px inputs reaches 2x2 in stage 3).
+    On maps of at most 4x4 pixels the convolution is lowered as patches + one
+    matmul (``layers.conv2d(impl="patches")``): XLA:CPU's convolution took 3.1 s
+    for a 3x3 512->512 conv on 64 maps of 2x2 (forward) against 0.015 s this way
+    (2 cores; the ``no_pool`` stem on 32 px inputs reaches 2x2 in stage 3).
     """
-    kh, kw, ci, co = kernel.shape
-    if min(x.shape[1], x.shape[2]) > 4 or kh * kw == 1:
-        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-    cols = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-            for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(kh * kw * ci, co)
+    kh, kw = kernel.shape[:2]
+    small = min(x.shape[1], x.shape[2]) <= 4 and kh * kw > 1
+    return layers.conv2d(x, kernel, stride, pad, impl="patches" if small else "xla")
 
 
 def batch_norm(y: jax.Array, p: dict, s: dict, train: bool, weights: jax.Array | None, momentum: float):

@@ -204,3 +204,47 @@ def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--method", "icarl", "--dataset", "digits"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- accuracy report
+
+
+def test_accuracy_report_statistics(tmp_path):
+    """benchmarks/accuracy.py: curves, the best baseline (never the joint upper bound), Welch's t-test, the table."""
+    from scipy import stats
+
+    from benchmarks import accuracy
+
+    R = np.array([[0.9, 0.1], [0.6, 0.8]])
+    np.testing.assert_allclose(accuracy.curve(R), [0.9, 0.7])
+
+    def run(method, seed, til, cil):
+        return {"method": method, "benchmark": "split_mnist", "seed": seed, "seconds": 1.0, "til": R.tolist(),
+                "cil": R.tolist(), "summary": {"til": {"average_accuracy": til, "forgetting": 0.0},
+                                               "cil": {"average_accuracy": cil, "forgetting": 0.1}}}
+
+    runs = [run("mind", s, 0.99, c) for s, c in enumerate((0.50, 0.56, 0.53))]
+    runs += [run("lwf", s, 0.95, c) for s, c in enumerate((0.20, 0.26, 0.23))]
+    runs += [run("ewc", s, 0.80, c) for s, c in enumerate((0.19, 0.21, 0.20))]
+    runs += [run("joint", s, 0.99, 0.96) for s in range(3)]
+    per = accuracy.group(runs)["split_mnist"]
+    assert accuracy.best_baseline(per, "cil") == "lwf"  # joint is higher but an upper bound
+    a, b = (accuracy.final_values(per[m], "cil", "average_accuracy") for m in ("mind", "lwf"))
+    t, p = accuracy.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    assert np.isnan(accuracy.welch(np.ones(3), np.ones(3))[1])  # no variance: undefined, not "significant"
+    md = accuracy.markdown(runs, accuracy.SETTINGS["quick"], "cmd", "hw")
+    assert "| mind | 99.00 ± 0.00 | 0.00 ± 0.00 | 53.00 ± 3.00 | 10.00 ± 0.00 | 1 |" in md
+    assert "| joint (upper bound) |" in md and "lwf: 23.00 ± 3.00 | +30.00" in md
+    assert accuracy.write_report(tmp_path, "acc", runs, accuracy.SETTINGS["quick"], "cmd", "hw") == md
+    assert (tmp_path / "acc.md").read_text() == md and (tmp_path / "acc.png").stat().st_size > 0
+
+
+def test_accuracy_subsample_cuts_every_task(digits):
+    from benchmarks import accuracy
+
+    small = accuracy.subsample(digits, 50, 20, seed=0)
+    for big, task in zip(digits.tasks, small.tasks):
+        assert len(task.train) == 50 and len(task.test) == 20 and len(task.val) <= 5
+        assert set(np.unique(task.train.y)) <= set(np.unique(big.train.y))

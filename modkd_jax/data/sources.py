@@ -98,6 +98,8 @@ def resolve_manual_dir(name: str, data_dir: str | os.PathLike | None = None) -> 
 def _tfds():
     """Import tensorflow_datasets lazily (slow, pulls TensorFlow) and quiet TF's C++ logging."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF only decodes archives here; its oneDNN kernels print a notice to stderr on every load.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow_datasets as tfds
 
     return tfds

@@ -163,8 +163,8 @@ def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, tempe
                      mean, std):
     """``eval(params, batch_stats, owner, x, y, valid, true_task, seen) -> correct counts per rule``, jitted.
 
-    All ``task_count`` sub-networks run in one vmapped call; the class-incremental
-    rules choose among the first ``seen``.
+    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_probs``,
+    its default strategy); the class-incremental rules choose among the first ``seen``.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 

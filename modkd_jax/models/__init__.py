@@ -13,11 +13,14 @@ ARCHS = ("mlp", "resnet32", "resnet18")
 
 
 def build(arch: str, num_outputs: int, num_tasks: int = 1, dtype=jnp.float32, **kwargs):
-    """The network ``arch`` with ``num_outputs`` classifier rows and ``num_tasks`` batch-norm rows."""
+    """The network ``arch`` with ``num_outputs`` classifier rows and ``num_tasks`` batch-norm rows.
+
+    ``kwargs`` go to the constructor (MLP ``hidden``; ResNet ``conv_impl``, ``materialize``, ResNet-18 ``stem``).
+    """
     if arch == "mlp":
         return MLP(num_outputs, num_tasks, dtype=dtype, **kwargs)
     if arch == "resnet32":
-        return resnet32(num_outputs, num_tasks, dtype=dtype)
+        return resnet32(num_outputs, num_tasks, dtype=dtype, **kwargs)
     if arch == "resnet18":
         return resnet18(num_outputs, num_tasks, dtype=dtype, **kwargs)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")

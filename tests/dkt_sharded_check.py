@@ -29,8 +29,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-jax.config.update("jax_compilation_cache_dir", os.environ.get("MODKD_JAX_CACHE", str(REPO / ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from modkd_jax import data  # noqa: E402
 from modkd_jax.methods import dkt  # noqa: E402

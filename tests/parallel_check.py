@@ -38,10 +38,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# the same persistent cache as tests/conftest.py (outside the checkout)
-_CACHE = os.environ.get("MODKD_JAX_CACHE", str(Path.home() / ".cache" / "modkd_jax" / "xla"))
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The persistent XLA cache comes from tests/conftest.py through JAX_COMPILATION_CACHE_DIR.
 jax.config.update("jax_cpu_enable_async_dispatch", os.environ.get("ASYNC", "0") == "1")
 
 from modkd_jax import data, masks, models, parallel, routing  # noqa: E402

@@ -1,7 +1,6 @@
 """MIND end to end: the CLI on real data, resume, bad input, exported sub-networks, the CIFAR-100 path."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at toy sizes (no timing is asserted: speed lives in their output)."""
+
+from pathlib import Path
+
+from benchmarks import accuracy, inference, scaling, train_step
+
+
+def test_inference_contenders_agree_and_report_the_speed_up(capsys):
+    assert inference.main(["--archs", "mlp", "--tasks", "2", "--batch_size", "8", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up of one call (map) over the loop of T jits, mlp: T=2" in out
+
+
+def test_scaling_memory_and_steps_on_the_mlp(capsys):
+    assert scaling.main(["--arch", "mlp", "--tasks", "2,4", "--batch_size", "8", "--rounds", "1", "--steps", "1",
+                         "--skip", "devices"]) == 0
+    out = capsys.readouterr().out
+    assert "owner maps" in out and "vs 2 tasks" in out
+
+
+def test_train_step_refuses_bad_sizes(capsys):
+    assert train_step.main(["--tasks", "3"]) == 2
+    assert "--tasks >" in capsys.readouterr().err
+
+
+def test_accuracy_report_rebuilds_from_saved_json(tmp_path):
+    """The committed raw results rebuild the committed table (the README's Results come from it)."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    out = tmp_path / "report"
+    assert accuracy.main(["--from_json", str(results / "accuracy_quick.json"), "--out", str(out)]) == 0
+    rows = lambda text: [line for line in text.splitlines() if line.startswith("|")]  # noqa: E731
+    rebuilt = (out / "accuracy_quick.md").read_text()
+    assert "Welch" in rebuilt
+    assert rows(rebuilt) == rows((results / "accuracy_quick.md").read_text())

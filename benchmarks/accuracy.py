@@ -180,16 +180,6 @@ def best_baseline(by_method: dict[str, list[dict]], rule: str) -> str | None:
     return max(scores, key=scores.get) if scores else None
 
 
-def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p-value of mean(a) - mean(b) (NaN when undefined)."""
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
-        return float("nan"), float("nan")
-    res = stats.ttest_ind(a, b, equal_var=False)
-    return float(res.statistic), float(res.pvalue)
-
 
 # ---------------------------------------------------------------------------------------------- report
 
@@ -207,6 +197,8 @@ def group(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
 
 def markdown(runs: list[dict], setting: Setting, command: str, header: str) -> str:
     """The report: one table per benchmark, then MIND vs the best baseline (Welch's t-test)."""
+    from modkd_jax import metrics
+
     lines = ["# Accuracy: MIND vs baselines", "", f"Command: `{command}`  ", header + "  ",
              f"Setting {setting.describe()}.  ", f"Hyperparameters: {hyperparameters('mnist', setting)}.", "",
              ("Final average accuracy (%) over all tasks after the last one, and forgetting (percentage points; "
@@ -242,7 +234,7 @@ def markdown(runs: list[dict], setting: Setting, command: str, header: str) -> s
                 continue
             a = final_values(per["mind"], rule, "average_accuracy")
             b = final_values(per[best], rule, "average_accuracy")
-            t, p = welch(a, b)
+            t, p = metrics.welch(a, b)
             lines.append(f"| {TITLES[bench]} | {rule.upper()} | {mean_std(a)} | {best}: {mean_std(b)} | "
                          f"{100 * (a.mean() - b.mean()):+.2f} | {t:.2f} | {p:.3g} |")
     lines += ["", "With few seeds the test has little power: read p as a rough guide, not a verdict.", ""]

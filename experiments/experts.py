@@ -323,17 +323,6 @@ def summarize_unit(unit: dict) -> dict:
     return out
 
 
-def welch(a, b) -> dict:
-    """Welch's t-test (unequal variances) of two samples; NaN where undefined (one seed, no variance)."""
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
-        return {"t": float("nan"), "p": float("nan")}
-    res = stats.ttest_ind(a, b, equal_var=False)
-    return {"t": float(res.statistic), "p": float(res.pvalue)}
-
-
 def final_table(results: dict) -> str:
     """Mean +- std over seeds per method, and Welch p-values of experts vs the others."""
     agg, tests = results["aggregate"], results["welch"]
@@ -387,7 +376,7 @@ def aggregate(units: dict, cfg: dict) -> tuple[dict, dict]:
     if "experts" in per:
         for other in per:
             if other != "experts":
-                tests[other] = {k: welch(per["experts"][k], per[other][k])
+                tests[other] = {k: dict(zip(("t", "p"), metrics.welch(per["experts"][k], per[other][k])))
                                 for k in ("til_acc", "cil_acc", "til_forgetting", "cil_forgetting")}
     return agg, tests
 

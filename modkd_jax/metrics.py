@@ -110,3 +110,17 @@ def summarize(R: ArrayLike) -> dict[str, Any]:
         "bwt": backward_transfer(R),
         "final_row": [float(x) for x in R[-1]],
     }
+
+
+def welch(a: ArrayLike, b: ArrayLike) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p-value of mean(a) - mean(b) over seeds (unequal variances).
+
+    NaN when undefined (fewer than two values on a side, or no variance on either), never "significant".
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return float("nan"), float("nan")
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)

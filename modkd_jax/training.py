@@ -200,6 +200,46 @@ def evaluate_tasks(evaluate, params, batch_stats, owner, splits, seen: int, batc
     return {k: np.asarray(v) for k, v in rules.items()}
 
 
+def make_fisher(apply_fn: Callable, block_size: int, mean, std, seen_classes: bool = False):
+    """``fisher(variables, x, y, valid, task)``: per leaf, sum over valid examples of (d log p(y|x) / dw)^2; jitted.
+
+    p is the softmax over the task's class block, or over every class up to and including
+    the task's block (``seen_classes``: one head over all tasks seen so far); labels are
+    task-local; per-example gradients by vmap.
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def fisher(variables, x, y, valid, task):
+        def log_p(params, xi, yi):
+            logits = apply_fn({"params": params, "batch_stats": variables["batch_stats"]}, xi[None], task,
+                              train=False)[0]
+            if seen_classes:
+                z = losses.masked_logits(logits, jnp.arange(logits.shape[-1]) < (task + 1) * block_size)
+                return jax.nn.log_softmax(z)[yi + task * block_size]
+            return jax.nn.log_softmax(block(logits, task, block_size))[yi]
+
+        xf = batching.to_float(x, mean, std)
+        grads = jax.vmap(jax.grad(log_p), in_axes=(None, 0, 0))(variables["params"], xf, y)
+        w = valid.astype(jnp.float32)
+        return jax.tree.map(lambda g: jnp.tensordot(w, jnp.square(g), axes=1), grads)
+
+    return fisher
+
+
+def fisher_diagonal(fisher, variables: PyTree, split, task: int, samples: int = 1024, batch_size: int = 128) -> PyTree:
+    """Diagonal empirical Fisher (a mean) of ``task`` on the first ``samples`` examples of ``split``.
+
+    ``fisher`` comes from ``make_fisher``.
+    """
+    n = min(samples, len(split.y))
+    total = None
+    for x, y, valid in pad_batches(split.x[:n], split.y[:n], min(batch_size, n)):
+        f = fisher(variables, x, y, valid, jnp.int32(task))
+        total = f if total is None else jax.tree.map(jnp.add, total, f)
+    return jax.tree.map(lambda v: v / n, total)
+
+
 def make_dense_eval(apply_fn: Callable, block_size: int, mean, std):
     """``eval(variables, x, y, valid, task) -> correct count`` of one network on one task's block, jitted."""
     mean, std = jnp.asarray(mean), jnp.asarray(std)

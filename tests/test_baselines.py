@@ -10,7 +10,7 @@ import pytest
 
 from experiments import baselines as cli
 from experiments import runner
-from modkd_jax import data, masks
+from modkd_jax import data, masks, metrics, training
 from modkd_jax.methods import baselines
 
 TINY = ["--dataset", "digits", "--task_count", "5", "--epochs", "1", "--retrain_epochs", "1"]
@@ -74,7 +74,7 @@ def test_ewc_fisher_matches_hand_computation_on_a_linear_softmax():
         return xf.reshape(xf.shape[0], -1) @ variables["params"]["w"]
 
     cfg = baselines.BaselineConfig(method="ewc", arch="mlp", head="seen")
-    fisher = baselines.make_fisher(apply, cfg, k, (0.5,), (0.25,))
+    fisher = training.make_fisher(apply, k, (0.5,), (0.25,), seen_classes=cfg.head == "seen")
     got = fisher({"params": {"w": jnp.asarray(w)}, "batch_stats": {}}, x, y, valid, jnp.int32(0))["w"]
     xf = (x.reshape(n, d).astype(np.float64) / 255 - 0.5) / 0.25
     want = np.zeros((d, 2 * k))
@@ -230,10 +230,10 @@ def test_accuracy_report_statistics(tmp_path):
     per = accuracy.group(runs)["split_mnist"]
     assert accuracy.best_baseline(per, "cil") == "lwf"  # joint is higher but an upper bound
     a, b = (accuracy.final_values(per[m], "cil", "average_accuracy") for m in ("mind", "lwf"))
-    t, p = accuracy.welch(a, b)
+    t, p = metrics.welch(a, b)
     ref = stats.ttest_ind(a, b, equal_var=False)
     assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
-    assert np.isnan(accuracy.welch(np.ones(3), np.ones(3))[1])  # no variance: undefined, not "significant"
+    assert np.isnan(metrics.welch(np.ones(3), np.ones(3))[1])  # no variance: undefined, not "significant"
     md = accuracy.markdown(runs, accuracy.SETTINGS["quick"], "cmd", "hw")
     assert "| mind | 99.00 ± 0.00 | 0.00 ± 0.00 | 53.00 ± 3.00 | 10.00 ± 0.00 | 1 |" in md
     assert "| joint (upper bound) |" in md and "lwf: 23.00 ± 3.00 | +30.00" in md

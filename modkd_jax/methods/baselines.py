@@ -210,31 +210,6 @@ def make_head_eval(apply_fn: Callable, block_size: int, mean, std):
     return evaluate
 
 
-def make_fisher(apply_fn: Callable, cfg: BaselineConfig, block_size: int, mean, std):
-    """``fisher(variables, x, y, valid, task) -> sum of squared per-example grads of log p(y|x)``, jitted.
-
-    p is the softmax over the classes the training loss sees (the seen ones, or the task's block).
-    """
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
-
-    @jax.jit
-    def fisher(variables, x, y, valid, task):
-        xf = batching.to_float(x, mean, std)
-        lo = 0 if cfg.head == "seen" else task * block_size
-
-        def log_p(params, xi, yi):
-            logits = apply_fn({"params": params, "batch_stats": variables["batch_stats"]}, xi[None], task,
-                              train=False)[0]
-            z = losses.masked_logits(logits, class_window(logits.shape[-1], lo, (task + 1) * block_size))
-            return jax.nn.log_softmax(z)[yi + task * block_size]
-
-        grads = jax.vmap(jax.grad(log_p), in_axes=(None, 0, 0))(variables["params"], xf, y)
-        w = valid.astype(jnp.float32)
-        return jax.tree.map(lambda g: jnp.tensordot(w, jnp.square(g), axes=1), grads)
-
-    return fisher
-
-
 # ----------------------------------------------------------------------------------------------
 # Set-up, state, one task, evaluation
 
@@ -262,7 +237,8 @@ def setup(cfg: BaselineConfig, scenario: Scenario) -> Baseline:
         apply_fn = _single_head_apply(model)
         step = make_head_step(apply_fn, cfg, k, mean, std, tx, global_labels=cfg.method == "joint")
         eval_fn = make_head_eval(apply_fn, k, mean, std)
-        fisher_fn = make_fisher(apply_fn, cfg, k, mean, std) if cfg.method == "ewc" else None
+        fisher_fn = (training.make_fisher(apply_fn, k, mean, std, seen_classes=cfg.head == "seen")
+                     if cfg.method == "ewc" else None)
         dense_eval = None
     params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
     return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, eval_fn, fisher_fn,
@@ -289,12 +265,7 @@ def pooled_split(scenario: Scenario, upto: int, block_size: int) -> Split:
 
 def fisher_diagonal(b: Baseline, variables: PyTree, split: Split, task: int) -> PyTree:
     """Diagonal empirical Fisher of ``task`` on the first ``ewc_samples`` training examples (a mean)."""
-    n = min(b.cfg.ewc_samples, len(split.y))
-    total = None
-    for x, y, valid in training.pad_batches(split.x[:n], split.y[:n], min(128, n)):
-        f = b.fisher_fn(variables, x, y, valid, jnp.int32(task))
-        total = f if total is None else jax.tree.map(jnp.add, total, f)
-    return jax.tree.map(lambda v: v / n, total)
+    return training.fisher_diagonal(b.fisher_fn, variables, split, task, b.cfg.ewc_samples)
 
 
 def _copy(tree: PyTree) -> PyTree:

@@ -550,31 +550,9 @@ def importance(params: PyTree, kind: str = "magnitude", fisher: PyTree | None = 
         return jax.tree.map(jnp.abs, params)
     if kind == "fisher":
         if fisher is None:
-            raise ValueError("importance='fisher' needs the Fisher diagonal (fisher_diagonal)")
+            raise ValueError("importance='fisher' needs the Fisher diagonal (training.fisher_diagonal)")
         return fisher
     raise ValueError(f"unknown importance {kind!r}; expected 'magnitude' or 'fisher'")
-
-
-def fisher_diagonal(apply_fn: Callable, variables: PyTree, split: Split, task: int, block_size: int, mean, std,
-                    samples: int = 1024, batch_size: int = 128) -> PyTree:
-    """Diagonal empirical Fisher E[(d log p(y|x) / d w)^2] on up to ``samples`` examples (per-example gradients)."""
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
-
-    @jax.jit
-    def batch_sum(params, x, y, valid):
-        def logp(p, xi, yi):
-            z = training.block(apply_fn({"params": p, "batch_stats": variables["batch_stats"]}, xi[None], task,
-                                        train=False), task, block_size)
-            return jax.nn.log_softmax(z, -1)[0, yi]
-
-        g = jax.vmap(jax.grad(logp), in_axes=(None, 0, 0))(params, batching.to_float(x, mean, std), y)
-        return jax.tree.map(lambda a: jnp.sum(jnp.square(a) * valid.reshape((-1,) + (1,) * (a.ndim - 1)), 0), g)
-
-    n = min(samples, len(split))
-    total = jax.tree.map(jnp.zeros_like, variables["params"])
-    for x, y, v in training.pad_batches(split.x[:n], split.y[:n], min(batch_size, n)):
-        total = jax.tree.map(jnp.add, total, batch_sum(variables["params"], x, y, v))
-    return jax.tree.map(lambda a: a / n, total)
 
 
 def select_valuable(scores: PyTree, kinds: PyTree, task: int, keep: float, block_size: int) -> PyTree:
@@ -711,7 +689,8 @@ def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: ja
             "plan": plan}
     tx = training.make_optimizer("adam", lr)
     if method == "copy":
-        fisher = (fisher_diagonal(old_model.apply, old_vars, old_t.train, old_task, k, mean, std)
+        fisher = (training.fisher_diagonal(training.make_fisher(old_model.apply, k, mean, std), old_vars,
+                                           old_t.train, old_task)
                   if importance_kind == "fisher" else None)
         selection = select_valuable(importance(old_vars["params"], importance_kind, fisher), old_kinds, old_task,
                                     keep, k)

@@ -108,8 +108,10 @@ def method_config(method: str, dataset: str, setting: Setting):
               "batch_size": d["batch_size"], "lr": d["lr"], "crop_flip": d["crop_flip"]}
     if method in MIND_METHODS:
         sd = method == "mind_self_distillation"
+        tau = None if d["temperature"] == "auto" else d["temperature"]
         return mind.MindConfig(**common, distill_epochs=setting.second_epochs, distill_lr=d["distill_lr"],
-                               self_distillation=sd, policy="magnitude" if sd else "random")
+                               self_distillation=sd, policy="magnitude" if sd else "random", temperature=tau,
+                               brightness=d["brightness"])
     return baselines.BaselineConfig(method=method, retrain_epochs=setting.second_epochs, **common)
 
 
@@ -117,7 +119,9 @@ def hyperparameters(dataset: str, setting: Setting) -> str:
     """One line of the method-specific hyperparameters the report ran with (read from the configs)."""
     m = method_config("mind", dataset, setting)
     b = method_config("ewc", dataset, setting)
-    return (f"MIND: teacher lr {m.lr}, distillation lr {m.distill_lr}, beta {m.beta}, tau {m.temperature}, "
+    tau = "chosen on validation" if m.temperature is None else m.temperature
+    return (f"MIND: teacher lr {m.lr}, distillation lr {m.distill_lr}, beta {m.beta}, L_SD {m.distill_loss} at "
+            f"T {m.distill_temperature:g}, tau {tau}, "
             f"{m.policy} selection (self-distillation: magnitude); baselines: lr {b.lr}, CE over every seen class "
             f"(head={b.head}), LwF alpha {b.lwf_alpha} T {b.lwf_temperature}, EWC lambda {b.ewc_lambda:g} on "
             f"{b.ewc_samples} examples per task, PackNet keeps the largest-|w| 1/N share and uses tau "

@@ -6,7 +6,7 @@
 The JAX steps are the library's own (``training.make_train_step`` as
 ``methods.mind`` builds them: crop+flip, gated forward, Adam through
 ``optim.gated``; the distillation step runs the dense teacher and the student
-sub-network of task 4 with CE + beta*JS). The PyTorch steps are written here to
+sub-network of task 4 with CE + beta * L_SD, the paper's symmetric KL at T = 1). The PyTorch steps are written here to
 match: gated convs as ``weight * mask`` with the same masks, per-task batch
 norm, the same augmentation, loss and optimizer (Adam, lr as MIND), NCHW
 float32, eager mode. Inputs are random uint8 images (speed only).
@@ -66,11 +66,11 @@ def jax_contenders(variant: str, args, x_u8: np.ndarray, y: np.ndarray):
     T, k = args.tasks, args.classes
     student = resnet.resnet32(k * T, T, **kw)
     teacher = resnet.resnet32(k, 1, **kw)
-    common_spec = dict(block_size=k, mean=CIFAR_MEAN, std=CIFAR_STD, crop_flip=True, beta=5.0, temperature=6.5)
+    common_spec = dict(block_size=k, mean=CIFAR_MEAN, std=CIFAR_STD, crop_flip=True, beta=5.0, temperature=1.0)
     tx_t = training.make_optimizer("adam", 0.005)
     tx_d = training.make_optimizer("adam", 0.035)
     teacher_step = training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common_spec), tx_t)
-    distill_step = training.make_train_step(training.StepSpec(student.apply, loss="js", **common_spec), tx_d,
+    distill_step = training.make_train_step(training.StepSpec(student.apply, loss="symkl", **common_spec), tx_d,
                                             lambda v, x, task: teacher.apply(v, x, 0, train=False))
 
     t_params, t_bs = models.init(teacher, jax.random.key(1), (32, 32, 3))
@@ -185,10 +185,9 @@ def torch_contenders(args, x_u8: np.ndarray, y: np.ndarray, owner):
         out = xp[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         return (out / 255.0 - mean) / std
 
-    def js(p_logits, q_logits, temp):
-        lp, lq = F.log_softmax(p_logits / temp, -1), F.log_softmax(q_logits / temp, -1)
-        lm = torch.logaddexp(lp, lq) - math.log(2.0)
-        return (0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)).mean()
+    def symkl(p_logits, q_logits):
+        lp, lq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+        return (0.5 * ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1)).mean()  # 1/2 [KL(p||q) + KL(q||p)]
 
     # Student masks from the same owner maps as the JAX student (HWIO -> OIHW; classifier (in, out) -> (out, in)).
     fwd_np = jax.tree.map(np.array, masks.forward_mask(owner, STUDENT_TASK))
@@ -226,7 +225,7 @@ def torch_contenders(args, x_u8: np.ndarray, y: np.ndarray, owner):
         with torch.no_grad():
             t_logits = teacher(x)
         z = student(x, t)[:, t * k:(t + 1) * k]
-        loss = F.cross_entropy(z, yt) + 5.0 * js(t_logits, z, 6.5)
+        loss = F.cross_entropy(z, yt) + 5.0 * symkl(t_logits, z)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         for p, m in trn_masks.items():  # only task t's weights learn (optim.gated); other tasks' BNs get no grad

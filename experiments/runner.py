@@ -105,6 +105,7 @@ def run(learner: Learner, scenario: Scenario, cfg: dict, workdir: str | Path | N
         if log is not None:
             log(summary)
         extra = f"  capacity left {100 * info['capacity_left']:.1f}%" if "capacity_left" in info else ""
+        extra += f"  tau {info['tau']:g}" if "tau" in info else ""
         echo(f"task {t + 1}/{T} {scenario.tasks[t].name}: TIL {100 * summary['til_avg']:.2f}%  "
              f"CIL {100 * summary['cil_avg']:.2f}%{extra}  {info['seconds']:.1f}s")
         if mngr is not None:
@@ -118,6 +119,8 @@ def run(learner: Learner, scenario: Scenario, cfg: dict, workdir: str | Path | N
         "summary": {rule: metrics.summarize(R[rule][:done, :done]) if done else {} for rule in learner.rules},
         "seconds_per_task": seconds, "task_infos": infos, "params": learner.param_counts(state),
     }
+    if any("tau" in info for info in infos):  # the inference temperature in use after each task
+        results["inference_temperature"] = [info.get("tau") for info in infos]
     if workdir is not None:
         rundir.write_json(workdir / "results.json", results)
         rundir.plot_matrices(workdir / "accuracy_matrices.png",

@@ -18,6 +18,8 @@ Example:
     [[0.0, -1.0]]
     >>> float(losses.kd_kl(z, z, temperature=2.0))  # identical teacher
     0.0
+    >>> float(losses.symmetric_kl(z, z))  # MIND's L_SD of equal inputs
+    0.0
 """
 
 from __future__ import annotations
@@ -126,14 +128,61 @@ def mse_soft_targets(
     return jnp.mean((p_s - p_t) ** 2)
 
 
+def symmetric_kl(
+    p_logits: jax.typing.ArrayLike,
+    q_logits: jax.typing.ArrayLike,
+    temperature: float | Array = 1.0,
+) -> Array:
+    """MIND's L_SD: T^2 * 1/2 [KL(p||q) + KL(q||p)] of softmax(p/T) and softmax(q/T), batch mean.
+
+    The paper calls it "Jensen-Shannon", but its formula (and the reference code)
+    is this symmetric KL; ``js_divergence`` is the true JS. The T^2 factor keeps
+    the gradient's scale independent of T (as in Hinton's KD); at T = 1 it is 1.
+    No stop_gradient here: wrap the teacher's logits at the call site.
+    """
+    log_p = _log_probs(p_logits, temperature)
+    log_q = _log_probs(q_logits, temperature)
+    return jnp.mean(0.5 * (_kl_log(log_p, log_q) + _kl_log(log_q, log_p))) * temperature**2
+
+
+DISTILL_LOSSES = ("symkl", "js", "kd")
+
+
+def distillation(
+    kind: str,
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    temperature: float | Array = 1.0,
+) -> Array:
+    """The distillation term ``kind`` against a frozen teacher at temperature T, scaled by T^2.
+
+    ``symkl``: MIND's L_SD (``symmetric_kl``, the paper's default); ``js``: the
+    true Jensen-Shannon divergence (``js_divergence``); ``kd``: Hinton's
+    KL(p_teacher || p_student) (``kd_kl``). Every kind carries the T^2 factor,
+    so T = 1 gives the plain divergence.
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    if kind == "symkl":
+        return symmetric_kl(teacher_logits, student_logits, temperature)
+    if kind == "js":
+        return js_divergence(teacher_logits, student_logits, temperature) * temperature**2
+    if kind == "kd":
+        return kd_kl(student_logits, teacher_logits, temperature)
+    raise ValueError(f"unknown distillation loss {kind!r}; expected one of {', '.join(DISTILL_LOSSES)}")
+
+
 def mind_distillation_loss(
     student_logits: jax.typing.ArrayLike,
     teacher_logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     beta: float | Array,
-    temperature: float | Array,
+    temperature: float | Array = 1.0,
+    kind: str = "symkl",
 ) -> tuple[Array, dict[str, Array]]:
-    """MIND objective CE(student, labels) + beta * JS(teacher/T, student/T), teacher frozen; returns (loss, parts)."""
+    """MIND objective CE(student, labels) + beta * L_SD(teacher, student) at T, teacher frozen; returns (loss, parts).
+
+    L_SD is the paper's symmetric KL by default (``kind``: see ``distillation``).
+    """
     ce = cross_entropy(student_logits, labels)
-    js = js_divergence(jax.lax.stop_gradient(teacher_logits), student_logits, temperature)
-    return ce + beta * js, {"ce": ce, "js": js}
+    sd = distillation(kind, student_logits, teacher_logits, temperature)
+    return ce + beta * sd, {"ce": ce, "distill": sd}

@@ -25,15 +25,14 @@ from modkd_jax import masks
 PyTree = Any
 
 
-def subnet_probs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
-                 task_count: int, block_size: int, temperature: float = 1.0, strategy: str = "map") -> jax.Array:
-    """Probabilities of every sub-network on ``x``: shape ``(task_count, batch, block_size)``."""
+def subnet_logits(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
+                  task_count: int, block_size: int, strategy: str = "map") -> jax.Array:
+    """Class-block logits of every sub-network on ``x``: shape ``(task_count, batch, block_size)``."""
 
     def one(task):
         gated = masks.gate(params, masks.forward_mask(owner, task))
         logits = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False)
-        z = jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1)
-        return jax.nn.softmax(z / temperature, axis=-1)
+        return jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1)
 
     tasks = jnp.arange(task_count)
     if strategy == "vmap":
@@ -41,6 +40,13 @@ def subnet_probs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner:
     if strategy == "map":
         return jax.lax.map(one, tasks)
     raise ValueError(f"unknown strategy {strategy!r}; expected 'map' or 'vmap'")
+
+
+def subnet_probs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
+                 task_count: int, block_size: int, temperature: float = 1.0, strategy: str = "map") -> jax.Array:
+    """``softmax(z_j / temperature)`` of every sub-network j on ``x``: shape ``(task_count, batch, block_size)``."""
+    z = subnet_logits(apply_fn, params, batch_stats, owner, x, task_count, block_size, strategy)
+    return jax.nn.softmax(z / temperature, axis=-1)
 
 
 def entropy(p: jax.Array, axis: int = -1) -> jax.Array:

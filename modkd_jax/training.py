@@ -35,9 +35,14 @@ class StepSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_flip: bool = False
-    loss: str = "ce"  # "ce" | "js" (CE + beta*JS, MIND) | "kd" (CE + beta*T^2 KL, LwF-style)
+    loss: str = "ce"  # "ce", or CE + beta * losses.distillation(loss, ...): "symkl" (MIND), "js", "kd"
     beta: float = 0.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # distillation temperature T (never the inference temperature tau)
+    brightness: float = 0.0  # brightness jitter: each image scaled by U[1 - b, 1 + b], clipped
+
+    def __post_init__(self):
+        if self.loss != "ce" and self.loss not in losses.DISTILL_LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected 'ce' or one of {', '.join(losses.DISTILL_LOSSES)}")
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optim.GatedTransformation:
@@ -79,7 +84,7 @@ def make_train_step(spec: StepSpec, tx: optim.GatedTransformation, teacher_fn: T
 
     def step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars):
         params, batch_stats, opt_state = carry
-        xf = batching.augment(key, x, mean, std, spec.crop_flip)
+        xf = batching.augment(key, x, mean, std, spec.crop_flip, brightness=spec.brightness)
         t_logits = None if teacher_fn is None else jax.lax.stop_gradient(teacher_fn(teacher_vars, xf, task))
 
         def loss_fn(p):
@@ -87,12 +92,10 @@ def make_train_step(spec: StepSpec, tx: optim.GatedTransformation, teacher_fn: T
                                         xf, task, train=True, mutable=["batch_stats"])
             z = block(logits, task, spec.block_size)
             ce = losses.cross_entropy(z, y)
-            if spec.loss == "js":
-                extra = losses.js_divergence(t_logits, z, spec.temperature)
-            elif spec.loss == "kd":
-                extra = losses.kd_kl(z, t_logits, spec.temperature)
-            else:
+            if spec.loss == "ce":
                 extra = jnp.zeros(())
+            else:
+                extra = losses.distillation(spec.loss, z, t_logits, spec.temperature)
             acc = jnp.mean(jnp.argmax(z, -1) == y)
             return ce + spec.beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
 
@@ -106,18 +109,23 @@ def make_train_step(spec: StepSpec, tx: optim.GatedTransformation, teacher_fn: T
 
 def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: float, milestone: float,
               key: jax.Array, task: int, fwd_mask: PyTree, trn_mask: PyTree, teacher_vars: PyTree = None,
-              desc: str = "", log: Callable[[dict], None] | None = None, progress: bool = True):
+              desc: str = "", log: Callable[[dict], None] | None = None, progress: bool = True,
+              drop_last: bool = True):
     """Train ``epochs`` epochs of ``split`` with ``step``; returns the final carry.
 
-    Calls ``log`` once per epoch with the mean loss, accuracy and learning rate.
+    Calls ``log`` once per epoch with the mean loss, accuracy and learning rate
+    (batch means, each batch weighted alike). ``drop_last=False`` also trains on
+    the last partial batch (one more compiled shape); on a data-parallel step it
+    is cut to a multiple of the devices.
     """
     n = len(split.y)
     if n == 0:
         raise ValueError(f"task {task} has no training examples")
     batch_size = min(batch_size, n)
     mesh = getattr(step, "mesh", None)  # a data-parallel step: whole batches per device
+    devices = 1 if mesh is None else mesh.shape["data"]
     if mesh is not None:
-        batch_size -= batch_size % mesh.shape["data"]
+        batch_size -= batch_size % devices
         if batch_size == 0:
             raise ValueError(f"task {task} has {n} training examples, fewer than the {mesh.shape['data']} devices")
     task_arr = jnp.asarray(task, jnp.int32)
@@ -129,7 +137,12 @@ def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: floa
         ekey, key = jax.random.split(key)
         bkey, akey = jax.random.split(ekey)
         sums, count = None, 0
-        for i, (x, y) in enumerate(batching.epoch_batches(split.x, split.y, batch_size, bkey, drop_remainder=True)):
+        for i, (x, y) in enumerate(batching.epoch_batches(split.x, split.y, batch_size, bkey,
+                                                          drop_remainder=drop_last)):
+            if len(y) % devices:
+                x, y = x[:len(y) - len(y) % devices], y[:len(y) - len(y) % devices]
+                if len(y) == 0:
+                    continue
             carry, m = step(carry, x, y, jax.random.fold_in(akey, i), task_arr, fwd_mask, trn_mask, teacher_vars)
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             count += 1
@@ -159,19 +172,21 @@ def _eval_batch(evaluate, batch_size: int) -> int:
     return -(-max(1, batch_size) // n) * n
 
 
-def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, temperature: float,
-                     mean, std):
-    """``eval(params, batch_stats, owner, x, y, valid, true_task, seen) -> correct counts per rule``, jitted.
+def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, mean, std):
+    """``eval(params, batch_stats, owner, x, y, valid, true_task, seen, tau) -> correct counts per rule``, jitted.
 
-    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_probs``,
-    its default strategy); the class-incremental rules choose among the first ``seen``.
+    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_logits``,
+    its default strategy); the class-incremental rules choose among the first ``seen``
+    from ``softmax(z_j / tau)``. ``tau`` (the inference temperature) is traced, so
+    choosing it on validation data compiles nothing new.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
-    def evaluate(params, batch_stats, owner, x, y, valid, true_task, seen):
+    def evaluate(params, batch_stats, owner, x, y, valid, true_task, seen, tau):
         xf = batching.to_float(x, mean, std)
-        probs = routing.subnet_probs(apply_fn, params, batch_stats, owner, xf, task_count, block_size, temperature)
+        logits = routing.subnet_logits(apply_fn, params, batch_stats, owner, xf, task_count, block_size)
+        probs = jax.nn.softmax(logits / tau, axis=-1)
         out = {rule: jnp.sum(valid & (task == true_task) & (cls == y))
                for rule, (task, cls) in routing.predictions(probs, true_task, seen).items()}
         out["task_id"] = jnp.sum(valid & (routing.max_prob_task(probs, seen) == true_task))
@@ -180,24 +195,74 @@ def make_subnet_eval(apply_fn: Callable, task_count: int, block_size: int, tempe
     return evaluate
 
 
+def make_tau_eval(apply_fn: Callable, task_count: int, block_size: int, mean, std):
+    """``eval(params, batch_stats, owner, x, y, valid, true_task, seen, taus) -> CIL correct counts per tau``, jitted.
+
+    The max-probability rule's correct counts for every candidate inference
+    temperature in ``taus`` (shape ``(K,)``), from one pass of the sub-networks.
+    """
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def evaluate(params, batch_stats, owner, x, y, valid, true_task, seen, taus):
+        logits = routing.subnet_logits(apply_fn, params, batch_stats, owner, batching.to_float(x, mean, std),
+                                       task_count, block_size)
+
+        cls = jnp.argmax(logits, axis=-1)  # (T, B): a block's predicted class does not depend on tau
+
+        def correct(tau):
+            task = routing.max_prob_task(jax.nn.softmax(logits / tau, axis=-1), seen)
+            return jnp.sum(valid & (task == true_task) & (cls[task, jnp.arange(len(y))] == y))
+
+        return jax.vmap(correct)(taus)
+
+    return evaluate
+
+
 def evaluate_tasks(evaluate, params, batch_stats, owner, splits, seen: int, batch_size: int,
-                   task_ids: Iterable[int] | None = None) -> dict[str, np.ndarray]:
+                   task_ids: Iterable[int] | None = None, tau: float = 1.0) -> dict[str, np.ndarray]:
     """Accuracy of every rule on each split: ``{rule: array of len(splits)}``.
 
-    Split ``i`` belongs to task ``task_ids[i]`` (default: ``i``).
+    Split ``i`` belongs to task ``task_ids[i]`` (default: ``i``); ``tau`` is the
+    inference temperature.
     """
-    rules: dict[str, list[float]] = {}
+    totals = _count_tasks(evaluate, (params, batch_stats, owner), splits, seen, batch_size, task_ids,
+                          jnp.float32(tau))
+    rules = ("til", "cil", "cil_entropy", "task_id")
+    return {k: np.asarray([t[k] / n if n else np.nan for t, n in totals]) for k in rules}
+
+
+def _count_tasks(evaluate, state_args: tuple, splits, seen: int, batch_size: int, task_ids, *extra):
+    """``[(summed counts, examples)]`` per split of ``evaluate(*state_args, x, y, valid, task, seen, *extra)``."""
     task_ids = range(len(splits)) if task_ids is None else list(task_ids)
     batch_size = _eval_batch(evaluate, min(batch_size, max(len(s.y) for s in splits)))  # small splits: pad less
+    out = []
     for j, split in zip(task_ids, splits):
-        totals: dict[str, int] = {}
+        total = None
         for x, y, valid in pad_batches(split.x, split.y, batch_size):
-            counts = evaluate(params, batch_stats, owner, x, y, valid, jnp.int32(j), jnp.int32(seen))
-            for k, v in counts.items():
-                totals[k] = totals.get(k, 0) + int(v)
-        for k in ("til", "cil", "cil_entropy", "task_id"):
-            rules.setdefault(k, []).append(totals[k] / len(split.y) if len(split.y) else np.nan)
-    return {k: np.asarray(v) for k, v in rules.items()}
+            counts = evaluate(*state_args, x, y, valid, jnp.int32(j), jnp.int32(seen), *extra)
+            total = counts if total is None else jax.tree.map(jnp.add, total, counts)
+        out.append((jax.tree.map(np.asarray, total), len(split.y)))
+    return out
+
+
+def choose_tau(tau_eval, params, batch_stats, owner, splits, seen: int, batch_size: int,
+               grid: Iterable[float]) -> tuple[float, dict[float, float]]:
+    """The inference temperature of ``grid`` with the best max-probability CIL on ``splits`` (validation data).
+
+    Returns ``(tau, {tau: accuracy})``. Ties (e.g. 2-class blocks, where the rule
+    does not depend on tau) go to the tau closest to 1 on a log scale.
+    """
+    grid = tuple(float(t) for t in grid)
+    totals = _count_tasks(tau_eval, (params, batch_stats, owner), splits, seen, batch_size, None,
+                          jnp.asarray(grid, jnp.float32))
+    examples = sum(n for _, n in totals)
+    if examples == 0:
+        raise ValueError("choosing the inference temperature needs validation examples")
+    correct = np.sum([np.asarray(c) for c, _ in totals], axis=0)
+    acc = {tau: float(c) / examples for tau, c in zip(grid, correct)}
+    best = max(acc.values())
+    return min((t for t in grid if acc[t] == best), key=lambda t: abs(np.log(t))), acc
 
 
 def make_fisher(apply_fn: Callable, block_size: int, mean, std, seen_classes: bool = False):

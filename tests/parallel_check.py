@@ -4,7 +4,7 @@ Checks on real data (scikit-learn's digits, 2 tasks of 5 classes), with the
 steps ``methods.mind.setup`` builds:
 1. the MIND teacher step (gated ResNet-32, crop+flip): loss, parameters,
    optimizer state and batch-norm statistics after two steps;
-2. the distillation step (``make_train_step`` with ``loss="js"`` and a teacher):
+2. the distillation step (``make_train_step`` with MIND's ``loss="symkl"`` and a teacher):
    the student sub-network of task 1 against a trained dense teacher;
 3. class-incremental inference over all sub-networks (``make_subnet_eval`` and
    ``routing.subnet_probs`` with strategies "map" and "vmap");
@@ -136,8 +136,8 @@ def main() -> int:
     for j, t in enumerate(scenario.tasks):
         x, y = t.test.x[:32], t.test.y[:32]
         valid = np.ones(len(y), bool)
-        c1 = m.subnet_eval(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2))
-        c8 = ev8(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2))
+        c1 = m.subnet_eval(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
+        c8 = ev8(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
         close(f"subnet_eval counts task {j}", c1, c8)
     xf = data.batching.to_float(scenario.tasks[0].test.x[:32], *scenario.norm)
     for strategy in ("vmap",):  # "map" ran inside make_subnet_eval above

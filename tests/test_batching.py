@@ -111,3 +111,41 @@ def test_augment_inside_a_jitted_step(digits):
     lowered = jax.jit(random_crop_flip, static_argnames=("pad", "flip")).lower(jax.random.key(0), x, pad=4)
     assert "dynamic_slice" in lowered.as_text() or "gather" in lowered.as_text()
     assert augment(jax.random.key(1), x, mean, std, True).shape == (32, 8, 8, 1)
+
+
+def test_brightness_jitter_scales_each_image_within_range_and_clips(digits):
+    from modkd_jax.data.batching import random_brightness
+
+    x01 = jnp.asarray(digits.train_x[:64], jnp.float32) / 255.0
+    out = random_brightness(jax.random.key(0), x01, 63 / 255)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    inside = (x01 > 0) & (out < 1.0)  # not clipped: out = x * factor, one factor per image
+    ratios = np.where(np.asarray(inside), np.asarray(out) / np.where(np.asarray(x01) > 0, np.asarray(x01), 1), np.nan)
+    per_image = np.nanmax(ratios, axis=(1, 2, 3)), np.nanmin(ratios, axis=(1, 2, 3))
+    np.testing.assert_allclose(per_image[0], per_image[1], rtol=1e-5)
+    assert per_image[0].min() >= 1 - 63 / 255 - 1e-6 and per_image[0].max() <= 1 + 63 / 255 + 1e-6
+    assert per_image[0].std() > 0.05  # factors differ between images
+    mean, std = normalization("digits")
+    plain = augment(jax.random.key(1), digits.train_x[:8], mean, std, True)
+    np.testing.assert_array_equal(plain, augment(jax.random.key(1), digits.train_x[:8], mean, std, True, brightness=0.0))
+    assert not np.array_equal(plain, augment(jax.random.key(1), digits.train_x[:8], mean, std, True, brightness=0.25))
+
+
+@pytest.mark.parametrize("drop_last, sizes", [(True, [32, 32, 32]), (False, [32, 32, 32, 4])])
+def test_run_phase_keeps_the_last_partial_batch_unless_asked(drop_last, sizes):
+    from modkd_jax import training
+    from modkd_jax.data.scenarios import Split
+
+    split = Split(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32), np.zeros(100, np.int32))
+    params = {"w": jnp.zeros(3)}
+    tx = training.make_optimizer("adam", 0.1)
+    seen = []
+
+    def step(carry, x, y, *rest):
+        seen.append(len(y))
+        return carry, {"loss": jnp.float32(0), "acc": jnp.float32(0)}
+
+    training.run_phase(step, (params, {}, tx.init(params)), split, epochs=1, batch_size=32, base_lr=0.1, milestone=1.0,
+                       key=jax.random.key(0), task=0, fwd_mask=None, trn_mask=None, progress=False,
+                       drop_last=drop_last)
+    assert seen == sizes

@@ -121,6 +121,29 @@ def test_missing_archives_offline_fail_fast_with_one_line(offline_env):
     assert not (tfds_dir / "mnist").exists()
 
 
+@pytest.mark.parametrize("env", [False, True], ids=["flag", "env"])
+def test_given_data_dir_that_is_missing_or_empty_is_an_error_even_when_prepared(tmp_path, monkeypatch, env, mnist):
+    """MNIST is prepared (the fixture loaded it), yet a wrong folder is reported, not silently ignored."""
+    (tmp_path / "empty").mkdir()
+    for folder, words in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "holds no mnist archives")):
+        if env:
+            monkeypatch.setenv("MODKD_DATA_DIR", str(folder))
+        with pytest.raises(DataUnavailableError, match=words) as info:
+            load("mnist", data_dir=None if env else str(folder))
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("MODKD_DATA_DIR" if env else "--data_dir")
+
+
+def test_cli_with_a_wrong_data_dir_is_one_line_and_exit_2(tmp_path, capsys, mnist):
+    from experiments import mind as cli
+
+    workdir = tmp_path / "run"
+    assert cli.main(["--dataset", "mnist", "--data_dir", str(tmp_path / "nowhere"), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data_dir") and "does not exist" in err and err.count("\n") == 0
+    assert not workdir.exists()
+
+
 def _internet_reachable() -> bool:
     """Whether the MNIST archive host resolves (then a real download could start)."""
     try:
@@ -134,10 +157,11 @@ def test_download_attempt_without_network_fails_fast(tmp_path, monkeypatch):
     if _internet_reachable():
         pytest.skip("this machine has internet; the offline failure path cannot be observed")
     monkeypatch.setenv("MODKD_ALLOW_DOWNLOAD", "1")
-    (tmp_path / "empty").mkdir()
+    monkeypatch.delenv("MODKD_DATA_DIR", raising=False)
+    monkeypatch.setattr(sources, "_SHARED_DATA_DIR", tmp_path / "no_shared_data")  # no archives anywhere
     start = time.monotonic()
     with pytest.raises(DataUnavailableError, match="no network"):
-        load("mnist", data_dir=str(tmp_path / "empty"), tfds_dir=str(tmp_path / "tfds"))
+        load("mnist", tfds_dir=str(tmp_path / "tfds"))
     assert time.monotonic() - start < 30
 
 

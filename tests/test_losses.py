@@ -186,16 +186,65 @@ def test_mse_soft_targets_by_hand():
 
 
 # ---------------------------------------------------------------- MIND
-def test_mind_distillation_loss_is_ce_plus_beta_js():
+def _hand_symkl(p_logits, q_logits, T=1.0):
+    """0.5 [KL(p||q) + KL(q||p)] per example of softmax(./T), in numpy float64."""
+    def softmax(z):
+        e = np.exp(z / T - np.max(z / T, axis=-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(np.asarray(p_logits, np.float64)), softmax(np.asarray(q_logits, np.float64))
+    return 0.5 * (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1))
+
+
+def test_symmetric_kl_equals_the_hand_computed_formula():
+    p = np.array([[1.0, 0.0, -1.0], [0.2, 0.3, 0.1]], np.float32)
+    q = np.array([[0.0, 1.0, 2.0], [1.0, -1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(losses.symmetric_kl(p, q), _hand_symkl(p, q).mean(), rtol=1e-6)
+    # two classes, by hand: p = (e/(1+e), 1/(1+e)), q = (1/2, 1/2)
+    a = math.e / (1 + math.e)
+    by_hand = 0.5 * ((a * math.log(2 * a) + (1 - a) * math.log(2 * (1 - a)))
+                     + (0.5 * math.log(0.5 / a) + 0.5 * math.log(0.5 / (1 - a))))
+    np.testing.assert_allclose(losses.symmetric_kl(jnp.array([[1.0, 0.0]]), jnp.zeros((1, 2))), by_hand, rtol=1e-6)
+
+
+def test_symmetric_kl_is_symmetric_zero_on_equal_inputs_and_scaled_by_t_squared():
+    key = jax.random.key(3)
+    p, q = jax.random.normal(key, (2, 8, 5)) * 3.0
+    np.testing.assert_allclose(losses.symmetric_kl(p, q), losses.symmetric_kl(q, p), rtol=1e-6)
+    np.testing.assert_allclose(losses.symmetric_kl(p, p), 0.0, atol=1e-7)
+    np.testing.assert_allclose(losses.symmetric_kl(p, p + 4.0), 0.0, atol=1e-6)  # shift-invariant
+    for T in (0.5, 2.0, 6.5):
+        np.testing.assert_allclose(losses.symmetric_kl(p, q, T), T**2 * _hand_symkl(p, q, T).mean(), rtol=1e-5)
+    # it is not the JS divergence: JS <= J/4 for Jeffreys' J = 2 symmetric KL (Lin 1991), and JS <= log 2
+    assert float(losses.symmetric_kl(p, q)) > 2 * float(losses.js_divergence(p, q))
+    assert float(losses.symmetric_kl(jnp.array([[30.0, 0.0]]), jnp.array([[0.0, 30.0]]))) > 10 * LOG2
+
+
+def test_distillation_dispatches_scales_by_t_squared_and_freezes_the_teacher():
+    s = jnp.array([[1.0, 0.0, -1.0], [0.2, 0.3, 0.1]])
+    t = jnp.array([[0.0, 1.0, 2.0], [1.0, -1.0, 0.0]])
+    T = 2.0
+    np.testing.assert_allclose(losses.distillation("symkl", s, t, T), T**2 * _hand_symkl(t, s, T).mean(), rtol=1e-5)
+    np.testing.assert_allclose(losses.distillation("js", s, t, T), T**2 * losses.js_divergence(t, s, T), rtol=1e-6)
+    np.testing.assert_allclose(losses.distillation("kd", s, t, T), losses.kd_kl(s, t, T), rtol=1e-6)
+    for kind in losses.DISTILL_LOSSES:
+        np.testing.assert_array_equal(jax.grad(lambda tt: losses.distillation(kind, s, tt, T))(t), 0.0)
+    with pytest.raises(ValueError, match="unknown distillation loss"):
+        losses.distillation("l2", s, t)
+
+
+def test_mind_distillation_loss_is_ce_plus_beta_symmetric_kl():
     s = jnp.array([[1.0, 0.0, -1.0], [0.2, 0.3, 0.1]])
     t = jnp.array([[0.0, 1.0, 2.0], [1.0, -1.0, 0.0]])
     labels = jnp.array([0, 2])
-    beta, T = 0.7, 2.0
-    loss, parts = losses.mind_distillation_loss(s, t, labels, beta, T)
+    beta = 5.0
+    loss, parts = losses.mind_distillation_loss(s, t, labels, beta)  # the paper: T = 1, symmetric KL
     np.testing.assert_allclose(parts["ce"], losses.cross_entropy(s, labels), rtol=1e-6)
-    np.testing.assert_allclose(parts["js"], losses.js_divergence(t, s, T), rtol=1e-6)
-    np.testing.assert_allclose(loss, parts["ce"] + beta * parts["js"], rtol=1e-6)
-    g_teacher = jax.grad(lambda tt: losses.mind_distillation_loss(s, tt, labels, beta, T)[0])(t)
+    np.testing.assert_allclose(parts["distill"], _hand_symkl(t, s).mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss, parts["ce"] + beta * parts["distill"], rtol=1e-6)
+    g_teacher = jax.grad(lambda tt: losses.mind_distillation_loss(s, tt, labels, beta)[0])(t)
     np.testing.assert_array_equal(g_teacher, 0.0)
-    jitted = jax.jit(losses.mind_distillation_loss)(s, t, labels, beta, T)
+    jitted = jax.jit(losses.mind_distillation_loss)(s, t, labels, beta)
     np.testing.assert_allclose(jitted[0], loss, rtol=1e-6)
+    _, js_parts = losses.mind_distillation_loss(s, t, labels, beta, 2.0, kind="js")
+    np.testing.assert_allclose(js_parts["distill"], 4.0 * losses.js_divergence(t, s, 2.0), rtol=1e-6)

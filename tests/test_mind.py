@@ -94,7 +94,7 @@ def test_workdir_with_other_config_and_corrupt_checkpoint(tmp_path, capsys):
 def test_exported_subnetwork_predicts_like_the_run(tmp_path):
     cfg = _cfg(TINY + ["--task_count", "2", "--epochs", "2", "--distill_epochs", "2"])
     scenario = cli.build_scenario(cfg)
-    method = mind.setup(mind.MindConfig(**{**cfg["mind"], "hidden": tuple(cfg["mind"]["hidden"])}), scenario)
+    method = mind.setup(cli.mind_config(cfg), scenario)
     state = mind.init_state(method, jax.random.key(0))
     for t in range(2):
         state, _ = mind.learn_task(method, state, t, jax.random.key(t + 1), progress=False)
@@ -124,6 +124,7 @@ def test_main_command_path_cifar100_ten_tasks_on_mock_data(tmp_path):
     assert res["config"]["mind"]["arch"] == "resnet32" and res["tasks_done"] == 10
     assert np.asarray(res["accuracy_matrix"]["til"]).shape == (10, 10)
     assert res["params"]["teacher"] == 470_004 - 90 * 64 - 90  # ResNet-32 with a 10-class head
+    assert res["inference_temperature"] == [6.5] * 10  # the reference's tau for CIFAR-100
 
 
 @pytest.mark.parametrize("extra", [
@@ -139,3 +140,141 @@ def test_variants_learn_every_task_without_forgetting(tmp_path, extra):
     assert til[1, 0] == til[0, 0]  # task 0's sub-network is untouched by task 1
     if "--self_distillation" in extra:
         assert res["method"] == "mind_self_distillation" and res["config"]["mind"]["policy"] == "magnitude"
+
+
+# ---------------------------------------------------------------- the paper's loss, tau and protocol
+def _distill_metric(cfg: mind.MindConfig, scenario, x, y):
+    """The distillation term the compiled step logs on (x, y) for task 1, and the logits it saw."""
+    import jax.numpy as jnp
+
+    from modkd_jax.data import batching
+
+    m = mind.setup(cfg, scenario)
+    state = mind.init_state(m, jax.random.key(0))
+    owner = masks.assign(state["owner"], m.kinds, 0, 2, key=jax.random.key(1))
+    owner = masks.assign(owner, m.kinds, 1, 2, key=jax.random.key(2))
+    t_params, t_bs = models.init(m.teacher, jax.random.key(3), scenario.input_shape)
+    teacher_vars = {"params": t_params, "batch_stats": t_bs}
+    fwd, trn = masks.forward_mask(owner, 1), masks.trainable_mask(owner, 1)
+    xf = batching.to_float(x, *scenario.norm)
+    z_s, _ = m.student.apply({"params": masks.gate(state["params"], fwd), "batch_stats": state["batch_stats"]},
+                             xf, 1, train=True, mutable=["batch_stats"])
+    z_s = z_s[:, m.block_size:2 * m.block_size]
+    z_t = m.teacher.apply(teacher_vars, xf, 0, train=False)
+    carry = (state["params"], state["batch_stats"], m.steps["tx_distill"].init(state["params"]))
+    _, metrics = m.steps["distill"](carry, x, y, jax.random.key(4), jnp.int32(1), fwd, trn, teacher_vars)
+    return float(metrics["distill"]), np.asarray(z_t, np.float64), np.asarray(z_s, np.float64)
+
+
+def _symkl(zt, zs, T):
+    softmax = lambda z: np.exp(z / T - np.max(z / T, -1, keepdims=True)) / np.exp(z / T - np.max(z / T, -1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731,E501
+    p, q = softmax(zt), softmax(zs)
+    return T**2 * np.mean(0.5 * np.sum((p - q) * (np.log(p) - np.log(q)), -1))
+
+
+def test_distillation_step_uses_the_paper_loss_and_its_own_temperature_never_tau():
+    cfg = _cfg(TINY + ["--task_count", "2"])
+    scenario = cli.build_scenario(cfg)
+    task = scenario.tasks[1]
+    x, y = task.train.x[:32], task.train.y[:32]
+    base = cli.mind_config(cfg)
+    assert (base.distill_loss, base.distill_temperature, base.beta) == ("symkl", 1.0, 5.0)
+    import dataclasses
+
+    value, zt, zs = _distill_metric(dataclasses.replace(base, temperature=6.5), scenario, x, y)
+    np.testing.assert_allclose(value, _symkl(zt, zs, 1.0), rtol=1e-4)
+    # tau is not the distillation temperature: changing it leaves the step's term unchanged ...
+    for tau in (1.0, 20.0, None):
+        assert _distill_metric(dataclasses.replace(base, temperature=tau), scenario, x, y)[0] == value
+    # ... while the distillation temperature and loss do change it, as configured
+    value_t4, zt, zs = _distill_metric(dataclasses.replace(base, distill_temperature=4.0), scenario, x, y)
+    np.testing.assert_allclose(value_t4, _symkl(zt, zs, 4.0), rtol=1e-4)
+    value_js, zt, zs = _distill_metric(dataclasses.replace(base, distill_loss="js"), scenario, x, y)
+    from modkd_jax import losses
+
+    np.testing.assert_allclose(value_js, float(losses.js_divergence(zt, zs)), rtol=1e-4)
+    assert value_js < value  # JS is the smaller divergence
+
+
+def test_config_and_results_record_the_losses_and_temperatures(tmp_path):
+    assert cli.main(TINY + ["--task_count", "2", "--epochs", "1", "--distill_epochs", "1",
+                            "--workdir", str(tmp_path / "auto")]) == 0
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())["mind"]
+    assert config["distill_loss"] == "symkl" and config["distill_temperature"] == 1.0
+    assert config["temperature"] == "auto" and config["tau_grid"] == [0.5, 1.0, 2.0, 4.0, 6.5, 10.0, 20.0]
+    res = json.loads((tmp_path / "auto" / "results.json").read_text())
+    assert len(res["inference_temperature"]) == 2 and all(t in config["tau_grid"] for t in res["inference_temperature"])
+    assert set(res["task_infos"][1]["tau_val_cil"]) == {str(t) for t in config["tau_grid"]}
+    assert cli.main(TINY + ["--task_count", "2", "--epochs", "1", "--distill_epochs", "1", "--temperature", "3",
+                            "--distill_loss", "js", "--distill_temperature", "2",
+                            "--workdir", str(tmp_path / "fixed")]) == 0
+    config = json.loads((tmp_path / "fixed" / "config.json").read_text())["mind"]
+    assert (config["temperature"], config["distill_loss"], config["distill_temperature"]) == (3.0, "js", 2.0)
+    res = json.loads((tmp_path / "fixed" / "results.json").read_text())
+    assert res["inference_temperature"] == [3.0, 3.0] and "tau_val_cil" not in res["task_infos"][1]
+
+
+def test_tau_is_chosen_on_validation_splits_only(monkeypatch):
+    from modkd_jax import training
+
+    cfg = _cfg(["--dataset", "digits", "--task_count", "2", "--epochs", "1", "--distill_epochs", "1"])
+    scenario = cli.build_scenario(cfg)
+    seen_splits = []
+    real = training.choose_tau
+
+    def spy(tau_eval, params, batch_stats, owner, splits, *args):
+        seen_splits.append(splits)
+        return real(tau_eval, params, batch_stats, owner, splits, *args)
+
+    monkeypatch.setattr(training, "choose_tau", spy)
+    import dataclasses
+
+    from modkd_jax.data.scenarios import Split
+
+    poisoned = Split(None, None, None)  # any read of a test split fails
+    scenario = dataclasses.replace(scenario, tasks=tuple(dataclasses.replace(t, test=poisoned) for t in scenario.tasks))
+    m = mind.setup(cli.mind_config(cfg), scenario)
+    state = mind.init_state(m, jax.random.key(0))
+    for t in range(2):
+        state, info = mind.learn_task(m, state, t, jax.random.key(t), progress=False)
+        assert float(state["tau"]) == info["tau"]
+    assert [len(s) for s in seen_splits] == [1, 2]
+    assert all(s is task.val for splits in seen_splits for s, task in zip(splits, scenario.tasks))
+
+
+def test_choose_tau_picks_the_best_and_breaks_ties_towards_one():
+    import jax.numpy as jnp
+
+    from modkd_jax import training
+    from modkd_jax.data.scenarios import Split
+
+    split = Split(np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32))
+    grid = (0.5, 1.0, 2.0, 4.0)
+    by_tau = lambda counts: lambda *args: jnp.asarray(counts)[: len(args[-1])]  # noqa: E731
+    assert training.choose_tau(by_tau([1, 3, 9, 2]), None, None, None, [split], 1, 10, grid)[0] == 2.0
+    tau, acc = training.choose_tau(by_tau([5, 5, 5, 5]), None, None, None, [split], 1, 10, grid)
+    assert tau == 1.0 and acc == {0.5: 0.5, 1.0: 0.5, 2.0: 0.5, 4.0: 0.5}
+    assert training.choose_tau(by_tau([7, 2, 2, 7]), None, None, None, [split], 1, 10, grid)[0] == 0.5
+
+
+def test_auto_temperature_without_validation_data_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(TINY + ["--val_fraction", "0", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "needs validation data" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "w").exists()
+
+
+def test_paper_protocol_config_on_mock_cifar100():
+    """`--task_count 10` is the README's CIFAR-100 protocol, and trains on the whole training split."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = _cfg(["--task_count", "10"])
+    m = cfg["mind"]
+    assert cfg["dataset"] == "cifar100" and cfg["val_fraction"] == 0.0
+    assert (m["arch"], m["epochs"], m["distill_epochs"], m["batch_size"]) == ("resnet32", 50, 50, 256)
+    assert (m["lr"], m["lr_milestone"], m["distill_lr"], m["distill_milestone"]) == (0.005, 0.7, 0.035, 0.8)
+    assert (m["beta"], m["distill_loss"], m["distill_temperature"], m["temperature"]) == (5.0, "symkl", 1.0, 6.5)
+    assert m["crop_flip"] and m["brightness"] == 63 / 255 and m["drop_last"] is False
+    with tfds.testing.mock_data(num_examples=300):
+        scenario = cli.build_scenario(cfg)
+        train = sum(len(t.train.y) for t in scenario.tasks)
+    assert train == 300 and all(len(t.val.y) == 0 for t in scenario.tasks)  # whole training split, no validation

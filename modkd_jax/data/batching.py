@@ -73,9 +73,24 @@ def random_crop_flip(key: jax.Array, x_uint8: jax.Array, pad: int = 4, flip: boo
     return jnp.where(mirror[:, None, None, None], crop[:, :, ::-1, :], crop)
 
 
-@functools.partial(jax.jit, static_argnames=("crop_flip", "pad"))
-def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad: int = 4) -> jax.Array:
-    """Training-time input pipeline: optional crop+flip, then standardise to float32."""
+def random_brightness(key: jax.Array, x01: jax.Array, max_delta: float) -> jax.Array:
+    """Per-example brightness jitter of images in [0, 1]: scaled by U[max(0, 1 - d), 1 + d], clipped to [0, 1].
+
+    torchvision's ``ColorJitter(brightness=d)`` (the MIND reference uses d = 63/255),
+    computed in float32 without its rounding to uint8.
+    """
+    factor = jax.random.uniform(key, (x01.shape[0],) + (1,) * (x01.ndim - 1),
+                                minval=max(0.0, 1.0 - max_delta), maxval=1.0 + max_delta)
+    return jnp.clip(x01 * factor, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_flip", "pad", "brightness"))
+def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad: int = 4,
+            brightness: float = 0.0) -> jax.Array:
+    """Training-time input pipeline: optional crop+flip, optional brightness jitter, then standardise to float32."""
     if crop_flip:
         x_uint8 = random_crop_flip(key, x_uint8, pad=pad)
-    return to_float(x_uint8, mean, std)
+    if brightness <= 0.0:
+        return to_float(x_uint8, mean, std)
+    x01 = random_brightness(jax.random.fold_in(key, 1), x_uint8.astype(jnp.float32) / 255.0, brightness)
+    return (x01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -264,7 +264,22 @@ def load(name: str, data_dir: str | None = None, tfds_dir: str | None = None) ->
     tfds = _tfds()
     if _tfds_is_mocked(tfds):  # fake data must never land in the cache
         return _load_tfds(name, manual_dir, resolved_tfds_dir)
+    if data_dir or os.environ.get("MODKD_DATA_DIR"):  # checked even when a prepared copy exists: never ignored
+        flag, given = ("--data_dir", data_dir) if data_dir else ("MODKD_DATA_DIR", os.environ["MODKD_DATA_DIR"])
+        _check_given_folder(tfds.builder(name, data_dir=str(resolved_tfds_dir)), name, flag, given, manual_dir)
     return _load_cached(name, manual_dir, resolved_tfds_dir)
+
+
+def _check_given_folder(builder, name: str, flag: str, given, manual_dir: Path) -> None:
+    """An explicitly given archive folder (``flag`` = ``given``) must exist and hold every archive of ``name``."""
+    fix = (f"pass --data_dir FOLDER (or set MODKD_DATA_DIR) with the official {name} archives in FOLDER or "
+           f"FOLDER/{name}, or give neither to use data already prepared by TFDS")
+    if not manual_dir.is_dir():
+        raise DataUnavailableError(f"{flag} {given} does not exist; {fix}")
+    missing = _missing_archives(builder, manual_dir)
+    if missing:
+        raise DataUnavailableError(f"{flag} {given} holds no {name} archives ({', '.join(missing)} missing from "
+                                   f"{manual_dir}); {fix}")
 
 
 def clear_cache() -> None:

@@ -230,7 +230,7 @@ def setup(cfg: BaselineConfig, scenario: Scenario) -> Baseline:
         apply_fn = model.apply
         spec = training.StepSpec(apply_fn, block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, loss="ce")
         step = training.make_train_step(spec, tx)
-        eval_fn = training.make_subnet_eval(apply_fn, T, k, cfg.temperature, mean, std)
+        eval_fn = training.make_subnet_eval(apply_fn, T, k, mean, std)
         fisher_fn, dense_eval = None, training.make_dense_eval(apply_fn, k, mean, std)
     else:
         model = _build(cfg, k * T, 1)
@@ -369,5 +369,5 @@ def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> di
     task_ids = list(range(len(splits)) if task_ids is None else task_ids)
     if b.cfg.method == "packnet":
         return training.evaluate_tasks(b.eval_fn, state["params"], state["batch_stats"], state["owner"], splits,
-                                       seen, b.cfg.eval_batch_size, task_ids)
+                                       seen, b.cfg.eval_batch_size, task_ids, tau=b.cfg.temperature)
     return _accuracies(b, state, splits, seen, task_ids)

@@ -2,16 +2,19 @@
 
 Per task t of N: train a fresh dense teacher (cross-entropy); give task t a 1/N
 share of every gated layer's free weights; distil the teacher into sub-network
-t (CE + beta * Jensen-Shannon at temperature), only t's weights updated through
-``optim.gated``; t's batch-norm row and class block travel with it. The
+t with the paper's CE + beta * L_SD, L_SD = 1/2 [KL(p_t||p_s) + KL(p_s||p_t)]
+at the distillation temperature (1 by default), only t's weights updated
+through ``optim.gated``; t's batch-norm row and class block travel with it. The
 self-distillation variant trains the student's free weights on the task
 instead, keeps the largest trained ``|w|`` and distils the dense student into
-that share. Unlike the public reference, earlier tasks are *gated* (never
-updated then restored), batch norm is per task, JS is the true divergence and
-magnitude selection ranks trained weights.
+that share. The inference temperature tau is a separate setting: the
+reference's value for the dataset, or chosen on the seen tasks' validation
+data after every task. Unlike the public reference, earlier tasks are *gated*
+(never updated then restored), batch norm is per task and magnitude selection
+ranks trained weights (README: "Differences from the reference").
 
-State is an explicit pytree ``{"params", "batch_stats", "owner"}``; ``learn_task``
-maps (state, task) to the next state.
+State is an explicit pytree ``{"params", "batch_stats", "owner", "tau"}``;
+``learn_task`` maps (state, task) to the next state.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import masks, models, parallel, training
+from modkd_jax import losses, masks, models, parallel, training
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
@@ -48,14 +51,26 @@ class MindConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     beta: float = 5.0
-    temperature: float = 6.5  # JS temperature and inference temperature tau
+    distill_loss: str = "symkl"  # the paper's L_SD; "js" (true Jensen-Shannon) or "kd" (Hinton) as options
+    distill_temperature: float = 1.0  # T of the distillation term (scaled by T^2); never the inference tau
+    temperature: float | None = 6.5  # inference tau (reference: CIFAR-100); None: chosen on validation per task
+    tau_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 6.5, 10.0, 20.0)  # candidates when temperature is None
     policy: str = "random"
     self_distillation: bool = False
     init_new: str = "zero"  # tasks > 0: new weights start at zero (reference) or "keep" their random init
     crop_flip: bool = True
+    brightness: float = 0.0  # brightness jitter d: images scaled by U[1 - d, 1 + d] (reference CIFAR: 63/255)
+    drop_last: bool = False  # the reference trains on the last partial batch too
     eval_batch_size: int = 512
 
     def __post_init__(self):
+        if self.distill_loss not in losses.DISTILL_LOSSES:
+            raise ValueError(f"unknown distillation loss {self.distill_loss!r}; "
+                             f"expected one of {', '.join(losses.DISTILL_LOSSES)}")
+        if self.distill_temperature <= 0 or (self.temperature is not None and self.temperature <= 0):
+            raise ValueError("temperatures must be positive")
+        if self.temperature is None and (not self.tau_grid or min(self.tau_grid) <= 0):
+            raise ValueError("tau_grid must hold positive temperatures to choose from")
         if self.policy not in ("random", "magnitude"):
             raise ValueError(f"unknown selection policy {self.policy!r}; expected 'random' or 'magnitude'")
         if self.init_new not in ("zero", "keep"):
@@ -89,6 +104,7 @@ class Mind:
     block_size: int
     steps: dict[str, Callable]
     subnet_eval: Callable
+    tau_eval: Callable
     teacher_eval: Callable
     student_eval: Callable
 
@@ -113,8 +129,11 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     params, _ = models.init(student, jax.random.key(0), scenario.input_shape)
     kinds = models.leaf_kinds(params)
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
-    common = dict(block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, beta=cfg.beta,
-                  temperature=cfg.temperature)
+    if cfg.temperature is None and any(len(task.val.y) == 0 for task in scenario.tasks):
+        raise ValueError("choosing the inference temperature needs validation data: pass --val_fraction > 0 "
+                         "or a fixed --temperature")
+    common = dict(block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, brightness=cfg.brightness,
+                  beta=cfg.beta, temperature=cfg.distill_temperature)
     tx_teacher = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     tx_distill = training.make_optimizer(cfg.optimizer, cfg.distill_lr, cfg.weight_decay)
 
@@ -127,18 +146,19 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     steps = {
         "teacher": training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common), tx_teacher),
         "self_train": training.make_train_step(training.StepSpec(student.apply, loss="ce", **common), tx_teacher),
-        "distill": training.make_train_step(training.StepSpec(student.apply, loss="js", **common), tx_distill,
-                                            teacher_logits),
-        "self_distill": training.make_train_step(training.StepSpec(student.apply, loss="js", **common),
+        "distill": training.make_train_step(training.StepSpec(student.apply, loss=cfg.distill_loss, **common),
+                                            tx_distill, teacher_logits),
+        "self_distill": training.make_train_step(training.StepSpec(student.apply, loss=cfg.distill_loss, **common),
                                                  tx_distill, self_teacher_logits),
     }
-    evals = (training.make_subnet_eval(student.apply, T, k, cfg.temperature, mean, std),
+    evals = (training.make_subnet_eval(student.apply, T, k, mean, std),
+             training.make_tau_eval(student.apply, T, k, mean, std),
              training.make_dense_eval(teacher.apply, k, mean, std),
              training.make_dense_eval(student.apply, k, mean, std))
     if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
         steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
-        evals = (parallel.data_parallel(evals[0], mesh, batch_argnums=(3, 4, 5), donate_argnums=()),
-                 *(parallel.data_parallel(e, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for e in evals[1:]))
+        evals = (*(parallel.data_parallel(e, mesh, batch_argnums=(3, 4, 5), donate_argnums=()) for e in evals[:2]),
+                 *(parallel.data_parallel(e, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for e in evals[2:]))
     steps["tx_teacher"], steps["tx_distill"] = tx_teacher, tx_distill
     return Mind(cfg, scenario, student, teacher, kinds, k, steps, *evals)
 
@@ -147,7 +167,8 @@ def init_state(mind: Mind, key: jax.Array) -> PyTree:
     """The student before any task: random weights, all gated weights free."""
     params, batch_stats = models.init(mind.student, key, mind.scenario.input_shape)
     owner = masks.init_owners(params, mind.kinds, (mind.block_size,) * mind.task_count)
-    return {"params": params, "batch_stats": batch_stats, "owner": owner}
+    tau = 1.0 if mind.cfg.temperature is None else mind.cfg.temperature  # replaced once chosen on validation
+    return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau)}
 
 
 def _phase(mind: Mind, name: str, carry, split, *, epochs, lr, milestone, key, task, fwd, trn,
@@ -159,7 +180,7 @@ def _phase(mind: Mind, name: str, carry, split, *, epochs, lr, milestone, key, t
     return training.run_phase(mind.steps[name], carry, split, epochs=epochs, batch_size=mind.cfg.batch_size,
                               base_lr=lr, milestone=milestone, key=key, task=task, fwd_mask=fwd, trn_mask=trn,
                               teacher_vars=teacher_vars, desc=f"task {task} {name}", log=tagged,
-                              progress=progress)
+                              progress=progress, drop_last=mind.cfg.drop_last)
 
 
 def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
@@ -203,7 +224,15 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
     params, batch_stats, _ = _phase(mind, distill_step, carry, task.train, epochs=cfg.distill_epochs,
                                     lr=cfg.distill_lr, milestone=cfg.distill_milestone, key=k_phase2, task=t,
                                     fwd=fwd, trn=trn, teacher_vars=teacher_vars, log=log, progress=progress)
-    state = {"params": params, "batch_stats": batch_stats, "owner": owner}
+    tau = state["tau"]
+    if cfg.temperature is None:  # choose tau on the seen tasks' validation splits (never the test split)
+        chosen, val_cil = training.choose_tau(mind.tau_eval, params, batch_stats, owner,
+                                              [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1,
+                                              cfg.eval_batch_size, cfg.tau_grid)
+        tau = jnp.float32(chosen)
+        info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
+    info["tau"] = float(tau)
+    state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
     info["student_val_til_acc"] = training.dense_accuracy(mind.student_eval, student_vars, task.val, t,
                                                           cfg.eval_batch_size)
@@ -213,6 +242,6 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
 
 
 def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
-    """Accuracy per rule (til, cil, cil_entropy, task_id) on ``splits`` of tasks ``task_ids`` (default 0..)."""
+    """Accuracy per rule (til, cil, cil_entropy, task_id) on ``splits`` of tasks ``task_ids`` (default 0..), at the state's tau."""
     return training.evaluate_tasks(mind.subnet_eval, state["params"], state["batch_stats"], state["owner"],
-                                   splits, seen, mind.cfg.eval_batch_size, task_ids)
+                                   splits, seen, mind.cfg.eval_batch_size, task_ids, tau=float(state["tau"]))

@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--self_distillation", action="store_true")
     p.add_argument("--init_new", default="zero", choices=("zero", "keep"),
                    help="start newly assigned weights at zero (reference) or keep their random init")
+    p.add_argument("--teacher_bn", default="running", choices=("running", "batch"),
+                   help="teacher's batch norm while distilling: running statistics, or batch statistics")
+    p.add_argument("--bn_init", default="fresh", choices=("fresh", "copy"),
+                   help="a task's batch-norm row starts fresh, or as a copy of the previous task's (reference)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay (AdamW) of both phases")
     p.add_argument("--no_augment", action="store_true", help="disable crop, flip and brightness jitter on CIFAR")
     p.add_argument("--drop_last", action="store_true", help="skip each epoch's last partial batch")
     p.add_argument("--val_fraction", type=float, default=None,
@@ -100,7 +105,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
             distill_temperature=args.distill_temperature, temperature=None if temperature == "auto" else temperature,
             policy=args.policy, self_distillation=args.self_distillation, init_new=args.init_new,
             crop_flip=d["crop_flip"] and not args.no_augment, brightness=0.0 if args.no_augment else d["brightness"],
-            drop_last=args.drop_last)
+            drop_last=args.drop_last, teacher_bn=args.teacher_bn, bn_init=args.bn_init,
+            weight_decay=args.weight_decay)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.self_distillation and args.policy != "magnitude":

@@ -131,7 +131,8 @@ def test_main_command_path_cifar100_ten_tasks_on_mock_data(tmp_path):
     ["--self_distillation"],
     ["--policy", "magnitude", "--init_new", "keep"],
     ["--scenario", "permuted"],
-], ids=["self_distillation", "magnitude", "permuted"])
+    ["--teacher_bn", "batch", "--bn_init", "copy", "--distill_loss", "kd", "--weight_decay", "1e-4"],
+], ids=["self_distillation", "magnitude", "permuted", "reference_bn_kd"])
 def test_variants_learn_every_task_without_forgetting(tmp_path, extra):
     argv = ["--dataset", "digits", "--task_count", "2", "--epochs", "4", "--distill_epochs", "4"] + extra
     res = cli.run(_cfg(argv), tmp_path / "run")
@@ -278,3 +279,23 @@ def test_paper_protocol_config_on_mock_cifar100():
         scenario = cli.build_scenario(cfg)
         train = sum(len(t.train.y) for t in scenario.tasks)
     assert train == 300 and all(len(t.val.y) == 0 for t in scenario.tasks)  # whole training split, no validation
+
+
+def test_copy_bn_row_starts_a_task_where_the_previous_one_ended():
+    cfg = _cfg(TINY + ["--task_count", "2", "--arch", "resnet32"])
+    m = mind.setup(cli.mind_config(cfg), cli.build_scenario(cfg))
+    state = mind.init_state(m, jax.random.key(0))
+    bump = lambda x: x + jax.random.uniform(jax.random.key(1), x.shape)  # noqa: E731
+    params = jax.tree.map(lambda p, kind: bump(p) if kind == masks.PER_TASK else p, state["params"], m.kinds)
+    stats = jax.tree.map(bump, state["batch_stats"])
+    new_params, new_stats = mind.copy_bn_row(params, m.kinds, stats, 1)
+    per_task = [(a, b) for a, b, kind in zip(jax.tree.leaves(params), jax.tree.leaves(new_params),
+                                             jax.tree.leaves(m.kinds)) if kind == masks.PER_TASK]
+    assert per_task and len(jax.tree.leaves(stats)) > 0
+    for before, after in per_task + list(zip(jax.tree.leaves(stats), jax.tree.leaves(new_stats))):
+        np.testing.assert_array_equal(after[1], before[0])
+        np.testing.assert_array_equal(after[0], before[0])
+        assert not np.array_equal(before[1], before[0])
+    for before, after, kind in zip(jax.tree.leaves(params), jax.tree.leaves(new_params), jax.tree.leaves(m.kinds)):
+        if kind != masks.PER_TASK:
+            assert before is after

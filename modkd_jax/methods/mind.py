@@ -61,6 +61,8 @@ class MindConfig:
     crop_flip: bool = True
     brightness: float = 0.0  # brightness jitter d: images scaled by U[1 - d, 1 + d] (reference CIFAR: 63/255)
     drop_last: bool = False  # the reference trains on the last partial batch too
+    teacher_bn: str = "running"  # teacher's batch norm while distilling: "running" statistics, or "batch" (train mode)
+    bn_init: str = "fresh"  # task t's batch-norm row starts "fresh" (1 / 0) or as a "copy" of row t-1 (reference)
     eval_batch_size: int = 512
 
     def __post_init__(self):
@@ -75,6 +77,9 @@ class MindConfig:
             raise ValueError(f"unknown selection policy {self.policy!r}; expected 'random' or 'magnitude'")
         if self.init_new not in ("zero", "keep"):
             raise ValueError(f"unknown init {self.init_new!r}; expected 'zero' or 'keep'")
+        if self.teacher_bn not in ("running", "batch") or self.bn_init not in ("fresh", "copy"):
+            raise ValueError(f"teacher_bn must be 'running' or 'batch' and bn_init 'fresh' or 'copy', "
+                             f"got {self.teacher_bn!r}, {self.bn_init!r}")
         if min(self.epochs, self.distill_epochs, self.batch_size) < 1:
             raise ValueError("epochs, distill_epochs and batch_size must be at least 1")
 
@@ -137,11 +142,15 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     tx_teacher = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     tx_distill = training.make_optimizer(cfg.optimizer, cfg.distill_lr, cfg.weight_decay)
 
+    batch_bn = cfg.teacher_bn == "batch"  # train-mode BN: batch statistics, the updated running ones dropped
+
     def teacher_logits(v, x, task):
-        return teacher.apply(v, x, 0, train=False)
+        out = teacher.apply(v, x, 0, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
+        return out[0] if batch_bn else out
 
     def self_teacher_logits(v, x, task):
-        return training.block(student.apply(v, x, task, train=False), task, k)
+        out = student.apply(v, x, task, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
+        return training.block(out[0] if batch_bn else out, task, k)
 
     steps = {
         "teacher": training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common), tx_teacher),
@@ -171,6 +180,13 @@ def init_state(mind: Mind, key: jax.Array) -> PyTree:
     return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau)}
 
 
+def copy_bn_row(params: PyTree, kinds: PyTree, batch_stats: PyTree, t: int) -> tuple[PyTree, PyTree]:
+    """Per-task batch-norm parameters and statistics with row ``t`` set to row ``t - 1``."""
+    copy = lambda x: x.at[t].set(x[t - 1])  # noqa: E731
+    params = jax.tree.map(lambda p, kind: copy(p) if kind == masks.PER_TASK else p, params, kinds)
+    return params, jax.tree.map(copy, batch_stats)
+
+
 def _phase(mind: Mind, name: str, carry, split, *, epochs, lr, milestone, key, task, fwd, trn,
            teacher_vars=None, log=None, progress=True):
     def tagged(m):
@@ -189,6 +205,8 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
     cfg, task = mind.cfg, mind.scenario.tasks[t]
     k_teacher, k_sel, k_phase1, k_phase2 = jax.random.split(key, 4)
     params, batch_stats, owner = state["params"], state["batch_stats"], state["owner"]
+    if cfg.bn_init == "copy" and t > 0:  # the reference: task t's batch norm starts where task t-1's ended
+        params, batch_stats = copy_bn_row(params, mind.kinds, batch_stats, t)
     info: dict[str, Any] = {"task": t}
     start = time.perf_counter()
     if not cfg.self_distillation:

@@ -132,7 +132,9 @@ def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1, 2
     ``out_shardings`` says otherwise (a pytree prefix of ``NamedSharding``).
     ``fn`` runs unchanged: this is ``jax.jit`` with sharding annotations, and
     the reductions over the batch (losses, gradients, batch-norm statistics)
-    become global reductions across the mesh.
+    become global reductions across the mesh. A batch that does not split
+    evenly over ``data`` (an epoch's last partial batch) runs replicated: every
+    device computes it whole, so the result is the single-device one.
     """
     batch_argnums = tuple(batch_argnums)
     rep, bat = replicated(mesh), batch_sharding(mesh)
@@ -141,14 +143,16 @@ def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1, 2
 
     def prepare(args):
         n = len(args)
-        if n not in compiled:
-            shardings = tuple(bat if i in batch_argnums else rep for i in range(n))
-            compiled[n] = jax.jit(fn, in_shardings=shardings, out_shardings=outs,
-                                  donate_argnums=tuple(i for i in donate_argnums if i < n))
+        split = all(np.shape(args[i])[0] % mesh.shape["data"] == 0 for i in batch_argnums if i < n)
+        if (n, split) not in compiled:
+            shardings = tuple(bat if split and i in batch_argnums else rep for i in range(n))
+            compiled[(n, split)] = jax.jit(fn, in_shardings=shardings, out_shardings=outs,
+                                           donate_argnums=tuple(i for i in donate_argnums if i < n))
         # Host arrays and single-device batches go to their shards, everything else to every device; arrays
         # already placed pass through untouched (no copy, so donation still reuses their buffers).
-        args = [shard_batch(mesh, a) if i in batch_argnums else jax.device_put(a, rep) for i, a in enumerate(args)]
-        return compiled[n], args
+        args = [shard_batch(mesh, a) if split and i in batch_argnums else jax.device_put(a, rep)
+                for i, a in enumerate(args)]
+        return compiled[(n, split)], args
 
     def run(*args):
         jitted, args = prepare(args)

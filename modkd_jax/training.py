@@ -115,16 +115,16 @@ def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: floa
 
     Calls ``log`` once per epoch with the mean loss, accuracy and learning rate
     (batch means, each batch weighted alike). ``drop_last=False`` also trains on
-    the last partial batch (one more compiled shape); on a data-parallel step it
-    is cut to a multiple of the devices.
+    the last partial batch (one more compiled shape; on a data-parallel step it
+    runs replicated when it does not split over the devices).
     """
     n = len(split.y)
     if n == 0:
         raise ValueError(f"task {task} has no training examples")
     batch_size = min(batch_size, n)
     mesh = getattr(step, "mesh", None)  # a data-parallel step: whole batches per device
-    devices = 1 if mesh is None else mesh.shape["data"]
     if mesh is not None:
+        devices = mesh.shape["data"]
         batch_size -= batch_size % devices
         if batch_size == 0:
             raise ValueError(f"task {task} has {n} training examples, fewer than the {mesh.shape['data']} devices")
@@ -139,10 +139,6 @@ def run_phase(step, carry, split, *, epochs: int, batch_size: int, base_lr: floa
         sums, count = None, 0
         for i, (x, y) in enumerate(batching.epoch_batches(split.x, split.y, batch_size, bkey,
                                                           drop_remainder=drop_last)):
-            if len(y) % devices:
-                x, y = x[:len(y) - len(y) % devices], y[:len(y) - len(y) % devices]
-                if len(y) == 0:
-                    continue
             carry, m = step(carry, x, y, jax.random.fold_in(akey, i), task_arr, fwd_mask, trn_mask, teacher_vars)
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             count += 1

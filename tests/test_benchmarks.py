@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from benchmarks import accuracy, inference, scaling, train_step
+from benchmarks import accuracy, distill_grad, inference, scaling, train_step
 
 
 def test_inference_contenders_agree_and_report_the_speed_up(capsys):
@@ -32,3 +32,14 @@ def test_accuracy_report_rebuilds_from_saved_json(tmp_path):
     rebuilt = (out / "accuracy_quick.md").read_text()
     assert "Welch" in rebuilt
     assert rows(rebuilt) == rows((results / "accuracy_quick.md").read_text())
+
+
+def test_distill_grad_shows_the_paper_term_pulling_harder_than_the_old_one(capsys):
+    assert distill_grad.main(["--dataset", "digits", "--epochs", "2", "--batch_size", "32"]) == 0
+    out = capsys.readouterr().out
+    ratios = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 8 and cells[2] == "start of distillation":
+            ratios[cells[1]] = float(cells[6])
+    assert ratios["paper: L_SD (symmetric KL) at T = 1"] > 10 * ratios["before: Jensen-Shannon at tau = 6.5"]

@@ -167,9 +167,14 @@ def _distill_metric(cfg: mind.MindConfig, scenario, x, y):
     return float(metrics["distill"]), np.asarray(z_t, np.float64), np.asarray(z_s, np.float64)
 
 
+def _softmax(z):
+    e = np.exp(z - np.max(z, -1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def _symkl(zt, zs, T):
-    softmax = lambda z: np.exp(z / T - np.max(z / T, -1, keepdims=True)) / np.exp(z / T - np.max(z / T, -1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731,E501
-    p, q = softmax(zt), softmax(zs)
+    """T^2 * 1/2 [KL(p||q) + KL(q||p)] by hand (float64)."""
+    p, q = _softmax(zt / T), _softmax(zs / T)
     return T**2 * np.mean(0.5 * np.sum((p - q) * (np.log(p) - np.log(q)), -1))
 
 

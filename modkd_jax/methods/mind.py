@@ -260,6 +260,9 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
 
 
 def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
-    """Accuracy per rule (til, cil, cil_entropy, task_id) on ``splits`` of tasks ``task_ids`` (default 0..), at the state's tau."""
+    """Accuracy per rule (til, cil, cil_entropy, task_id) on ``splits`` of tasks ``task_ids`` (default 0..).
+
+    The class-incremental rules read ``softmax(z / tau)`` at the state's inference temperature.
+    """
     return training.evaluate_tasks(mind.subnet_eval, state["params"], state["batch_stats"], state["owner"],
                                    splits, seen, mind.cfg.eval_batch_size, task_ids, tau=float(state["tau"]))

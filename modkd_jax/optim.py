@@ -28,7 +28,7 @@ trains or is frozen).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,30 +52,29 @@ def apply_gated(params: PyTree, updates: PyTree, mask: PyTree) -> PyTree:
     return jax.tree.map(lambda p, u, m: jnp.where(m, (p + u).astype(p.dtype), p), params, updates, mask)
 
 
-class GatedTransformation(NamedTuple):
-    """An optax-like transformation whose ``update`` takes a mask pytree keyword."""
-
-    init: Callable[[PyTree], optax.OptState]
-    update: Callable[..., tuple[PyTree, optax.OptState]]
-
-
-def gated(inner: optax.GradientTransformation) -> GatedTransformation:
+def gated(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Gate ``inner`` by a mask given at update time: ``tx.update(grads, state, params, mask=m)``.
 
     Where ``m`` is False the parameter is bit-identical after ``optax.apply_updates``.
     The inner state of masked entries sees zero gradients (its moments decay
-    but are never used for those entries while they stay masked).
+    but are never used for those entries while they stay masked). The result is
+    an ``optax.GradientTransformationExtraArgs``: inside ``optax.chain`` the
+    ``mask`` extra argument reaches it while transforms that take no extra
+    arguments ignore it, and other extra arguments pass through to ``inner``.
+    Its state is ``inner``'s state (``optax.inject_hyperparams`` stays reachable).
     """
+    inner = optax.with_extra_args_support(inner)
 
     def init(params: PyTree) -> optax.OptState:
         return inner.init(params)
 
-    def update(grads: PyTree, state: optax.OptState, params: PyTree | None = None, *, mask: PyTree):
+    def update(grads: PyTree, state: optax.OptState, params: PyTree | None = None, *, mask: PyTree,
+               **extra_args):
         grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask)
-        updates, state = inner.update(grads, state, params)
+        updates, state = inner.update(grads, state, params, **extra_args)
         return gate_updates(updates, mask), state
 
-    return GatedTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def frozen() -> optax.GradientTransformation:

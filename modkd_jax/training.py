@@ -45,7 +45,7 @@ class StepSpec:
             raise ValueError(f"unknown loss {self.loss!r}; expected 'ce' or one of {', '.join(losses.DISTILL_LOSSES)}")
 
 
-def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optim.GatedTransformation:
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
     """A gated optimizer whose learning rate is a hyperparameter set per epoch (no recompiles)."""
     if name == "adam":
         inner = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
@@ -75,7 +75,7 @@ def block(logits: jax.Array, task, size: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(logits, task * size, size, axis=-1)
 
 
-def make_train_step(spec: StepSpec, tx: optim.GatedTransformation, teacher_fn: TeacherFn | None = None):
+def make_train_step(spec: StepSpec, tx: optax.GradientTransformationExtraArgs, teacher_fn: TeacherFn | None = None):
     """``step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars) -> (carry, metrics)``, jitted.
 
     ``carry = (params, batch_stats, opt_state)`` is donated.

@@ -113,3 +113,72 @@ def test_per_group_learning_rates_and_frozen_group():
 def test_top_level_exports():
     import modkd_jax
     assert modkd_jax.gated is optim.gated and modkd_jax.per_group is optim.per_group
+
+
+# One conformance test over many optax optimizers (as optax's contrib/_common_test.py does): gated(...) keeps the
+# frozen entries bit-identical and trains the others, alone, wrapped in inject_hyperparams and inside optax.chain.
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.1),
+    "sgd_nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "adamax": lambda: optax.adamax(1e-2),
+    "adagrad": lambda: optax.adagrad(1e-1),
+    "rmsprop": lambda: optax.rmsprop(1e-2, momentum=0.9),
+    "lion": lambda: optax.lion(1e-3, weight_decay=0.1),
+    "lamb": lambda: optax.lamb(1e-2),
+    "radam": lambda: optax.radam(1e-2),
+    "yogi": lambda: optax.yogi(1e-2),
+    "adabelief": lambda: optax.adabelief(1e-2),
+    "novograd": lambda: optax.novograd(1e-2),
+    "injected_adamw": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1),
+}
+WRAPPINGS = {
+    "alone": lambda inner: optim.gated(inner),
+    "in_chain": lambda inner: optax.chain(optax.clip_by_global_norm(1.0), optim.gated(inner)),
+    "around_chain": lambda inner: optim.gated(optax.chain(optax.add_decayed_weights(0.1), inner)),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPINGS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_conformance_every_optimizer_keeps_frozen_bits(name, wrap):
+    params0 = _params(jax.random.key(0))
+    mask = _mask(jax.random.key(1), params0)
+    tx = WRAPPINGS[wrap](OPTIMIZERS[name]())
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    state = tx.init(params0)
+
+    @jax.jit
+    def step(params, state, key):
+        grads = jax.tree.map(lambda p: jax.random.normal(key, jnp.shape(p)), params)
+        updates, state = tx.update(grads, state, params, mask=mask)
+        return optax.apply_updates(params, updates), state
+
+    params = params0
+    for i in range(5):
+        params, state = step(params, state, jax.random.key(100 + i))
+    for leaf in ("w", "b"):
+        frozen = ~np.asarray(mask[leaf])
+        np.testing.assert_array_equal(_bits(params[leaf])[frozen], _bits(params0[leaf])[frozen])
+        assert np.any(np.asarray(params[leaf])[~frozen] != np.asarray(params0[leaf])[~frozen])
+    assert _bits(params["s"]) == _bits(params0["s"])
+
+
+def test_gated_needs_its_mask_and_passes_other_extra_args_through():
+    params = {"w": jnp.ones(3)}
+    tx = optim.gated(optax.sgd(1.0))
+    with pytest.raises(TypeError, match="mask"):
+        tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    seen = {}
+
+    def spy_update(updates, state, params=None, *, value=None, **extra):
+        seen["value"] = value
+        return updates, state
+
+    spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), spy_update)
+    tx = optim.gated(spy)
+    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params, mask={"w": jnp.array([1, 0, 1], bool)},
+                           value=7)
+    assert seen["value"] == 7
+    np.testing.assert_array_equal(np.signbit(np.asarray(updates["w"])), [False, True, False])

@@ -51,18 +51,30 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    """--devices (data-parallel width) and --distributed (multi-host start, TPU pods / GPU clusters)."""
+    """--devices (data-parallel width), --distributed and the multi-process start-up settings."""
     parser.add_argument("--devices", type=int, default=0,
                         help="devices on the 'data' mesh axis (0: all visible; 1: no mesh)")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (run the same command on every host)")
+                        help="start JAX's multi-process runtime first (run the same command on every host; on "
+                             "Cloud TPU and SLURM it finds its peers itself)")
+    parser.add_argument("--coordinator_address", default=None,
+                        help="host:port of process 0 (implies --distributed; env JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num_processes", type=int, default=None,
+                        help="number of processes (implies --distributed; env JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, default=None,
+                        help="this process's id, 0..num_processes-1 (implies --distributed; env JAX_PROCESS_ID)")
 
 
 def mesh_from_args(args: argparse.Namespace):
     """The data-parallel mesh the flags ask for, or None for a single device (the plain jitted steps)."""
     from modkd_jax import parallel
 
-    parallel.maybe_initialize_distributed(args.distributed)
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        parallel.maybe_initialize_distributed(args.distributed or any(v is not None for v in explicit),
+                                              *explicit)
+    except (ValueError, RuntimeError) as exc:  # jax reports bad or missing settings as either
+        raise UsageError(f"multi-process start failed: {' '.join(str(exc).split())}") from exc
     import jax
 
     n = jax.device_count() if args.devices == 0 else args.devices

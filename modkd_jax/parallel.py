@@ -29,6 +29,7 @@ docstring); each process then feeds its own slice of the global batch and
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -40,7 +41,9 @@ PyTree = Any
 AXES = ("agents", "data")
 
 
-def maybe_initialize_distributed(enabled: bool, **kwargs) -> bool:
+def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None,
+                                 **kwargs) -> bool:
     """Start JAX's multi-host runtime when ``enabled``; returns whether it was started.
 
     Call it once per process before any other JAX call. On Cloud TPU pods and
@@ -48,17 +51,44 @@ def maybe_initialize_distributed(enabled: bool, **kwargs) -> bool:
     coordinator, the process count and the process id itself, so run the same
     command on every host, e.g.
     ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m experiments.mind --distributed"``.
-    Elsewhere pass them (``coordinator_address="host0:1234", num_processes=N,
-    process_id=i``) as keyword arguments, or set ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Afterwards ``jax.devices()``
-    lists every device of every host, ``make_mesh()`` spans them all, and each
-    process passes only its own rows of a batch to ``shard_batch``.
-    ``enabled=False`` (single host) does nothing.
+    Elsewhere pass them as arguments (``coordinator_address="host0:1234",
+    num_processes=N, process_id=i``) or set ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; arguments win over the
+    variables (jax itself does not read the last two). CPU collectives across
+    processes use gloo unless ``jax_cpu_collectives_implementation`` was set.
+    Afterwards ``jax.devices()`` lists every device of every host,
+    ``make_mesh()`` spans them all, and each process passes only its own rows of
+    a batch to ``shard_batch``. ``enabled=False`` (single host) does nothing.
+
+    Raises:
+        ValueError: a process count or id that is not an integer, or an id out of range.
     """
     if not enabled:
         return False
-    jax.distributed.initialize(**kwargs)
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _int_setting("JAX_NUM_PROCESSES", num_processes)
+    process_id = _int_setting("JAX_PROCESS_ID", process_id)
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} is not in 0..{num_processes - 1}")
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
+    given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None}, **kwargs)
     return True
+
+
+def _int_setting(variable: str, value: int | None) -> int | None:
+    """``value``, else the integer in the environment ``variable``, else None."""
+    if value is not None:
+        return int(value)
+    text = os.environ.get(variable)
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not an integer") from None
 
 
 def make_mesh(data: int | None = None, agents: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

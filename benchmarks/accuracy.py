@@ -100,7 +100,7 @@ def subsample(scenario, train: int | None, test: int | None, seed: int):
 
 def method_config(method: str, dataset: str, setting: Setting):
     """The MindConfig or BaselineConfig of ``method``: per-dataset defaults, the setting's epochs."""
-    from experiments.mind import DEFAULTS
+    from experiments.mind import DEFAULTS, inference_temperature
     from modkd_jax.methods import baselines, mind
 
     d = DEFAULTS[dataset]
@@ -108,9 +108,9 @@ def method_config(method: str, dataset: str, setting: Setting):
               "batch_size": d["batch_size"], "lr": d["lr"], "crop_flip": d["crop_flip"]}
     if method in MIND_METHODS:
         sd = method == "mind_self_distillation"
-        tau = None if d["temperature"] == "auto" else d["temperature"]
         return mind.MindConfig(**common, distill_epochs=setting.second_epochs, distill_lr=d["distill_lr"],
-                               self_distillation=sd, policy="magnitude" if sd else "random", temperature=tau,
+                               self_distillation=sd, policy="magnitude" if sd else "random",
+                               temperature=inference_temperature(d["temperature"]),
                                brightness=d["brightness"])
     return baselines.BaselineConfig(method=method, retrain_epochs=setting.second_epochs, **common)
 

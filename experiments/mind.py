@@ -37,6 +37,11 @@ DEFAULTS = {
 }
 
 
+def inference_temperature(setting: float | str) -> float | None:
+    """A ``--temperature`` setting as ``MindConfig.temperature``: a number, or None for ``auto``."""
+    return None if setting == "auto" else setting
+
+
 def _temperature(text: str):
     """``--temperature``: a positive number, or ``auto`` (chosen on validation data)."""
     if text == "auto":
@@ -96,13 +101,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else d[name]  # noqa: E731
     cfg = dict(dataset=args.dataset, scenario=args.scenario, seed=args.seed, val_fraction=pick("val_fraction"),
                task_count=pick("task_count"))
-    temperature = pick("temperature")
     try:
         mind_cfg = mind.MindConfig(
             arch=pick("arch"), hidden=tuple(d.get("hidden", (400, 400))), epochs=pick("epochs"),
             distill_epochs=pick("distill_epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
             distill_lr=pick("distill_lr"), optimizer=args.optimizer, beta=args.beta, distill_loss=args.distill_loss,
-            distill_temperature=args.distill_temperature, temperature=None if temperature == "auto" else temperature,
+            distill_temperature=args.distill_temperature, temperature=inference_temperature(pick("temperature")),
             policy=args.policy, self_distillation=args.self_distillation, init_new=args.init_new,
             crop_flip=d["crop_flip"] and not args.no_augment, brightness=0.0 if args.no_augment else d["brightness"],
             drop_last=args.drop_last, teacher_bn=args.teacher_bn, bn_init=args.bn_init,
@@ -119,9 +123,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 def mind_config(cfg: dict) -> mind.MindConfig:
     """The MindConfig stored in a run's config dict (JSON lists back to tuples, "auto" to None)."""
-    m = dict(cfg["mind"])
-    m["temperature"] = None if m["temperature"] == "auto" else m["temperature"]
-    return mind.MindConfig(**{**m, "hidden": tuple(m["hidden"]), "tau_grid": tuple(m["tau_grid"])})
+    m = cfg["mind"]
+    return mind.MindConfig(**{**m, "temperature": inference_temperature(m["temperature"]),
+                              "hidden": tuple(m["hidden"]), "tau_grid": tuple(m["tau_grid"])})
 
 
 def build_scenario(cfg: dict, data_dir=None, tfds_dir=None) -> data.Scenario:

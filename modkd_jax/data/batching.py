@@ -54,9 +54,12 @@ def eval_batches(x, y, batch_size: int, *, extra: Sequence = ()) -> Iterator[tup
 
 def to_float(x_uint8: jax.Array, mean, std) -> jax.Array:
     """Map uint8 pixels to standardised float32: (x/255 - mean)/std, mean/std per channel."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return (x_uint8.astype(jnp.float32) / 255.0 - mean) / std
+    return _standardize(x_uint8.astype(jnp.float32) / 255.0, mean, std)
+
+
+def _standardize(x01: jax.Array, mean, std) -> jax.Array:
+    """(x - mean) / std of float32 images in [0, 1], mean / std per channel."""
+    return (x01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("pad", "flip"))
@@ -93,4 +96,4 @@ def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad:
     if brightness <= 0.0:
         return to_float(x_uint8, mean, std)
     x01 = random_brightness(jax.random.fold_in(key, 1), x_uint8.astype(jnp.float32) / 255.0, brightness)
-    return (x01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return _standardize(x01, mean, std)

@@ -144,13 +144,15 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
 
     batch_bn = cfg.teacher_bn == "batch"  # train-mode BN: batch statistics, the updated running ones dropped
 
-    def teacher_logits(v, x, task):
-        out = teacher.apply(v, x, 0, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
+    def frozen_logits(apply_fn, v, x, task):
+        out = apply_fn(v, x, task, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
         return out[0] if batch_bn else out
 
+    def teacher_logits(v, x, task):
+        return frozen_logits(teacher.apply, v, x, 0)
+
     def self_teacher_logits(v, x, task):
-        out = student.apply(v, x, task, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
-        return training.block(out[0] if batch_bn else out, task, k)
+        return training.block(frozen_logits(student.apply, v, x, task), task, k)
 
     steps = {
         "teacher": training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common), tx_teacher),

@@ -3,7 +3,7 @@
 ``python -m benchmarks.accuracy --quick`` (a few minutes on 2 CPU cores) or
 ``python -m benchmarks.accuracy`` (the full setting, for a GPU) runs every
 method on Split MNIST (5 tasks), Split Fashion-MNIST (5 tasks) and Permuted
-MNIST (10 tasks) in memory (``experiments.runner.run`` with no run directory)
+MNIST (10 tasks) in memory (``modkd_jax.loop.run`` with no run directory)
 and writes to ``--out``:
 
 - ``accuracy[_quick].md``: mean +- std over seeds of the final TIL / CIL
@@ -18,8 +18,8 @@ Every method gets the same epochs within a setting: ``epochs`` for its first
 phase (MIND's teacher, the self-distillation's training, each baseline's
 training, PackNet's training before pruning) and ``second_epochs`` for the
 second phase where a method has one (MIND's distillation, PackNet's retraining).
-Other hyperparameters are the per-dataset defaults of ``experiments.mind``
-and the CLI defaults of ``experiments.baselines``.
+Other hyperparameters are the per-dataset presets of ``modkd_jax.methods.mind``
+(``PRESETS``) and ``modkd_jax.methods.baselines`` (``preset``) over the config defaults.
 """
 
 from __future__ import annotations
@@ -100,19 +100,22 @@ def subsample(scenario, train: int | None, test: int | None, seed: int):
 
 def method_config(method: str, dataset: str, setting: Setting):
     """The MindConfig or BaselineConfig of ``method``: per-dataset defaults, the setting's epochs."""
-    from experiments.mind import DEFAULTS, inference_temperature
+    from experiments.mind import inference_temperature
     from modkd_jax.methods import baselines, mind
 
-    d = DEFAULTS[dataset]
-    common = {"arch": d["arch"], "hidden": tuple(d.get("hidden", (400, 400))), "epochs": setting.epochs,
-              "batch_size": d["batch_size"], "lr": d["lr"], "crop_flip": d["crop_flip"]}
     if method in MIND_METHODS:
+        d = {**dataclasses.asdict(mind.MindConfig()), **mind.PRESETS[dataset]}
         sd = method == "mind_self_distillation"
-        return mind.MindConfig(**common, distill_epochs=setting.second_epochs, distill_lr=d["distill_lr"],
+        return mind.MindConfig(arch=d["arch"], hidden=tuple(d["hidden"]), epochs=setting.epochs,
+                               batch_size=d["batch_size"], lr=d["lr"], crop_flip=d["crop_flip"],
+                               distill_epochs=setting.second_epochs, distill_lr=d["distill_lr"],
                                self_distillation=sd, policy="magnitude" if sd else "random",
                                temperature=inference_temperature(d["temperature"]),
                                brightness=d["brightness"])
-    return baselines.BaselineConfig(method=method, retrain_epochs=setting.second_epochs, **common)
+    p = baselines.preset(dataset)
+    return baselines.BaselineConfig(method=method, arch=p["arch"], hidden=tuple(p["hidden"]), epochs=setting.epochs,
+                                    retrain_epochs=setting.second_epochs, batch_size=p["batch_size"], lr=p["lr"],
+                                    crop_flip=p["crop_flip"])
 
 
 def hyperparameters(dataset: str, setting: Setting) -> str:
@@ -129,18 +132,17 @@ def hyperparameters(dataset: str, setting: Setting) -> str:
 
 
 def make_learner(method: str, config, scenario):
-    """A runner.Learner for ``method``."""
-    from experiments import runner
+    """A ``modkd_jax.learner.Learner`` for ``method``."""
+    from modkd_jax.methods import baselines, mind
 
     if method in MIND_METHODS:
-        return runner.mind_learner(config, scenario)
-    return runner.baseline_learner(config, scenario)
+        return mind.learner(config, scenario)
+    return baselines.learner(config, scenario)
 
 
 def run_one(method: str, bench: str, seed: int, setting: Setting, data_root: Path | None, tfds_dir=None) -> dict:
     """One method on one benchmark with one seed, in memory; the accuracy matrices and summaries."""
-    from experiments import runner
-    from modkd_jax import data
+    from modkd_jax import data, loop
 
     dataset, scenario_name, task_count = BENCHMARKS[bench]
     ds = data.load(dataset, data_dir=None if data_root is None else str(data_root), tfds_dir=tfds_dir)
@@ -150,7 +152,7 @@ def run_one(method: str, bench: str, seed: int, setting: Setting, data_root: Pat
     cfg = {"dataset": dataset, "scenario": scenario_name, "task_count": task_count, "seed": seed,
            "method": method, "config": dataclasses.asdict(config)}
     start = time.perf_counter()
-    res = runner.run(make_learner(method, config, scenario), scenario, cfg, None, echo=None)
+    res = loop.run(make_learner(method, config, scenario), cfg, None, echo=None)
     return {"method": method, "benchmark": bench, "seed": seed, "seconds": time.perf_counter() - start,
             "til": np.asarray(res["accuracy_matrix"]["til"], float).tolist(),
             "cil": np.asarray(res["accuracy_matrix"]["cil"], float).tolist(),

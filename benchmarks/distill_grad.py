@@ -19,7 +19,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import banner
 
@@ -72,22 +71,24 @@ def grad_norms(m, state, owner, teacher_vars, x, y, term_fn):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from experiments import mind as cli
+    from experiments.common import build_scenario
     from modkd_jax import masks, models, training
     from modkd_jax.methods import mind
 
     cfg = cli.resolve_config(cli.parser().parse_args(
         ["--dataset", args.dataset, "--task_count", "5", "--seed", str(args.seed)]
         + (["--epochs", str(args.epochs)] if args.epochs else [])))
-    scenario = cli.build_scenario(cfg, data_dir=args.data_dir)
+    scenario = build_scenario(cfg, data_dir=args.data_dir)
     m = mind.setup(cli.mind_config(cfg), scenario)
     c, task = m.cfg, scenario.tasks[0]
     print(banner())
     key = jax.random.key(args.seed)
     t_params, t_bs = models.init(m.teacher, jax.random.fold_in(key, 1), scenario.input_shape)
     full = masks.full_mask(t_params)
-    carry = training.run_phase(m.steps["teacher"], (t_params, t_bs, m.steps["tx_teacher"].init(t_params)), task.train,
-                               epochs=c.epochs, batch_size=c.batch_size, base_lr=c.lr, milestone=c.lr_milestone,
-                               key=jax.random.fold_in(key, 2), task=0, fwd_mask=full, trn_mask=full, progress=False)
+    carry = training.run_phase(m.steps["teacher"], (t_params, t_bs, m.txs["teacher"].init(t_params)), task.train,
+                               mind.Context(jnp.int32(0), full, full),
+                               training.Phase(c.epochs, c.batch_size, c.lr, c.lr_milestone),
+                               jax.random.fold_in(key, 2), progress=False)
     teacher_vars = {"params": carry[0], "batch_stats": carry[1]}
     state = mind.init_state(m, jax.random.fold_in(key, 3))
     owner = masks.assign(state["owner"], m.kinds, 0, m.task_count, key=jax.random.fold_in(key, 4))
@@ -103,12 +104,13 @@ def main(argv=None) -> int:
             ratios[(when, label)] = g_sd / g_ce
             print(f"| {label} | {when} | {value:.4f} | {g_ce:.4f} | {g_sd:.4f} | {g_sd / g_ce:.3f} |")
         if when.startswith("start"):  # one epoch of the paper's distillation, as methods.mind runs it
-            carry = (state["params"], state["batch_stats"], m.steps["tx_distill"].init(state["params"]))
+            carry = (state["params"], state["batch_stats"], m.txs["distill"].init(state["params"]))
+            ctx = mind.Context(jnp.int32(0), masks.forward_mask(owner, 0), masks.trainable_mask(owner, 0),
+                               teacher_vars)
             params, bs, _ = training.run_phase(
-                m.steps["distill"], carry, task.train, epochs=1, batch_size=c.batch_size, base_lr=c.distill_lr,
-                milestone=1.0, key=jax.random.fold_in(key, 5), task=0, fwd_mask=masks.forward_mask(owner, 0),
-                trn_mask=masks.trainable_mask(owner, 0), teacher_vars=teacher_vars, progress=False,
-                drop_last=c.drop_last)
+                m.steps["distill"], carry, task.train, ctx,
+                training.Phase(1, c.batch_size, c.distill_lr, milestone=1.0, drop_last=c.drop_last),
+                jax.random.fold_in(key, 5), progress=False)
             state = {**state, "params": params, "batch_stats": bs}
     for when in ("start of distillation", "after 1 distillation epoch"):
         before, paper = ratios[(when, contenders[0][0])], ratios[(when, contenders[1][0])]

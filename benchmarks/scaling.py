@@ -13,8 +13,9 @@ Three figures:
    into the weights, the PyTorch reference's way), which grows as T x params.
    Shapes only (``jax.eval_shape``): nothing is allocated.
 2. **Train step time vs. task count.** The gated train step
-   (``training.make_train_step``, crop+flip, Adam through ``optim.gated``) of
-   the last sub-network of a T-task student, timed side by side for every T.
+   (``training.make_step`` on MIND's cross-entropy ``methods.mind.make_loss``,
+   crop+flip, Adam through ``optim.gated``) of the last sub-network of a
+   T-task student, timed side by side for every T.
    The owner maps give each gated weight a random task in [0, T) (what T
    assignments amount to; the step's speed does not depend on who owns what).
 3. **Throughput vs. devices.** The same step, data-parallel with
@@ -43,6 +44,7 @@ import numpy as np
 
 from benchmarks import common
 from modkd_jax import masks, models, training
+from modkd_jax.methods import mind
 from modkd_jax.models import resnet
 
 INPUTS = {"resnet32": (32, 32, 3), "mlp": (28, 28, 1)}
@@ -103,14 +105,14 @@ def step_setup(arch: str, tasks: int, classes: int, batch: int):
     owner = synthetic_owner(params, kinds, tasks, classes)
     t = tasks - 1
     mean, std = MEAN_STD[arch]
-    spec = training.StepSpec(model.apply, block_size=classes, mean=mean, std=std, crop_flip=arch == "resnet32")
     tx = training.make_optimizer("adam", 0.005)
-    step = training.make_train_step(spec, tx)
+    step = training.make_step(mind.make_loss(model.apply, classes), tx,
+                              training.augmenting(mean, std, crop_flip=arch == "resnet32"))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 256, (batch, *INPUTS[arch]), dtype=np.uint8))
     y = jnp.asarray(rng.integers(0, classes, (batch,)).astype(np.int32))
-    rest = (x, y, jax.random.key(0), jnp.int32(t), masks.forward_mask(owner, t), masks.trainable_mask(owner, t),
-            None)
+    ctx = mind.Context(jnp.int32(t), masks.forward_mask(owner, t), masks.trainable_mask(owner, t))
+    rest = (training.Batch(x, y), jax.random.key(0), ctx)
     return step, rest, (params, stats, tx.init(params))
 
 
@@ -153,8 +155,8 @@ def devices_worker(args) -> int:
         step, rest, carry = step_setup(args.arch, tasks, args.classes, args.batch_size)
         mesh = parallel.make_mesh(data=n)
         sharded = parallel.data_parallel(step, mesh)
-        x, y, *others = rest  # placed once: the batch split along "data", the rest on every device
-        placed = (*parallel.shard_batch(mesh, (x, y)), *parallel.replicate(mesh, tuple(others)))
+        batch, *others = rest  # placed once: the batch split along "data", the rest on every device
+        placed = (parallel.shard_batch(mesh, batch), *parallel.replicate(mesh, tuple(others)))
         contenders[n] = runner(sharded, placed, parallel.replicate(mesh, carry))
     secs = common.interleaved(contenders, rounds=args.rounds, calls=args.steps)
     print(json.dumps({"devices": jax.device_count(), "secs": {str(n): s for n, s in secs.items()}}))

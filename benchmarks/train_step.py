@@ -3,8 +3,8 @@
     python -m benchmarks.train_step                       # batch 256, 10 tasks of 10 classes
     python -m benchmarks.train_step --variants xla:nomat,xla,bf16,patches --steps 2 --rounds 3
 
-The JAX steps are the library's own (``training.make_train_step`` as
-``methods.mind`` builds them: crop+flip, gated forward, Adam through
+The JAX steps are the library's own (``training.make_step`` on
+``methods.mind.make_loss`` as ``methods.mind`` builds them: crop+flip, gated forward, Adam through
 ``optim.gated``; the distillation step runs the dense teacher and the student
 sub-network of task 4 with CE + beta * L_SD, the paper's symmetric KL at T = 1). The PyTorch steps are written here to
 match: gated convs as ``weight * mask`` with the same masks, per-task batch
@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks import common
 from modkd_jax import masks, models, training
+from modkd_jax.methods import mind
 from modkd_jax.models import resnet
 
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
@@ -66,12 +67,13 @@ def jax_contenders(variant: str, args, x_u8: np.ndarray, y: np.ndarray):
     T, k = args.tasks, args.classes
     student = resnet.resnet32(k * T, T, **kw)
     teacher = resnet.resnet32(k, 1, **kw)
-    common_spec = dict(block_size=k, mean=CIFAR_MEAN, std=CIFAR_STD, crop_flip=True, beta=5.0, temperature=1.0)
+    aug = dict(mean=CIFAR_MEAN, std=CIFAR_STD, crop_flip=True)
     tx_t = training.make_optimizer("adam", 0.005)
     tx_d = training.make_optimizer("adam", 0.035)
-    teacher_step = training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common_spec), tx_t)
-    distill_step = training.make_train_step(training.StepSpec(student.apply, loss="symkl", **common_spec), tx_d,
-                                            lambda v, x, task: teacher.apply(v, x, 0, train=False))
+    teacher_step = training.make_step(mind.make_loss(teacher.apply, k), tx_t, training.augmenting(**aug))
+    distill_step = training.make_step(
+        mind.make_loss(student.apply, k, "symkl", beta=5.0, temperature=1.0), tx_d,
+        training.augmenting(**aug, teacher=lambda ctx, x: teacher.apply(ctx.teacher, x, 0, train=False)))
 
     t_params, t_bs = models.init(teacher, jax.random.key(1), (32, 32, 3))
     s_params, s_bs = models.init(student, jax.random.key(2), (32, 32, 3))
@@ -79,22 +81,24 @@ def jax_contenders(variant: str, args, x_u8: np.ndarray, y: np.ndarray):
     full = masks.full_mask(t_params)
     fwd, trn = masks.forward_mask(owner, STUDENT_TASK), masks.trainable_mask(owner, STUDENT_TASK)
     xs, ys = jnp.asarray(x_u8), jnp.asarray(y)
-    task0, task_s = jnp.int32(0), jnp.int32(STUDENT_TASK)
+    batch = training.Batch(xs, ys)
     teacher_vars = {"params": t_params, "batch_stats": t_bs}  # the distillation teacher (never donated)
+    ctx_t = mind.Context(jnp.int32(0), full, full)
+    ctx_d = mind.Context(jnp.int32(STUDENT_TASK), fwd, trn, teacher_vars)
     state = {"t": (jax.tree.map(jnp.copy, t_params), jax.tree.map(jnp.copy, t_bs), tx_t.init(t_params)),
              "d": (s_params, s_bs, tx_d.init(s_params)), "i": 0}
 
-    flops_t = common.cost_flops(teacher_step, state["t"], xs, ys, jax.random.key(0), task0, full, full, None)
-    flops_d = common.cost_flops(distill_step, state["d"], xs, ys, jax.random.key(0), task_s, fwd, trn, teacher_vars)
+    flops_t = common.cost_flops(teacher_step, state["t"], batch, jax.random.key(0), ctx_t)
+    flops_d = common.cost_flops(distill_step, state["d"], batch, jax.random.key(0), ctx_d)
 
     def run_teacher():
         state["i"] += 1
-        state["t"], m = teacher_step(state["t"], xs, ys, jax.random.key(state["i"]), task0, full, full, None)
+        state["t"], m = teacher_step(state["t"], batch, jax.random.key(state["i"]), ctx_t)
         return m["loss"]
 
     def run_distill():
         state["i"] += 1
-        state["d"], m = distill_step(state["d"], xs, ys, jax.random.key(state["i"]), task_s, fwd, trn, teacher_vars)
+        state["d"], m = distill_step(state["d"], batch, jax.random.key(state["i"]), ctx_d)
         return m["loss"]
 
     return run_teacher, run_distill, flops_t, flops_d, owner

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Callable
+import typing
+from typing import Callable, Iterable
 
 from modkd_jax.checkpoint import CheckpointError
+from modkd_jax import data
 from modkd_jax.data import DATASETS, DataUnavailableError
 from modkd_jax.rundir import RunDirError
 
@@ -81,3 +84,112 @@ def mesh_from_args(args: argparse.Namespace):
     if n < 1 or n > jax.device_count():
         raise UsageError(f"--devices {args.devices}: {jax.device_count()} device(s) visible")
     return None if n == 1 else parallel.make_mesh(data=n)
+
+
+def _flag_type(hint) -> tuple[Callable | None, str | None]:
+    """``(type, nargs)`` of a flag for a dataclass field's type hint; bools are on/off switches."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0], "+"
+    if args:  # X | None
+        return _flag_type(args[0])
+    return hint, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, names: Iterable[str], helps: dict[str, str] | None = None,
+                     choices: dict[str, Iterable] | None = None, types: dict[str, Callable] | None = None) -> None:
+    """One ``--name`` flag per field ``name`` of the config dataclass ``cls``, default None (= not given).
+
+    Defaults live in one place: the dataclass (and the method's per-dataset presets beside it);
+    ``config_from`` lays the given flags over them. Bool fields get ``--name`` / ``--no-name``.
+    """
+    hints = typing.get_type_hints(cls)
+    helps, choices, types = helps or {}, choices or {}, types or {}
+    for name in names:
+        kind, nargs = _flag_type(hints[name])
+        kwargs: dict = {"default": None, "help": helps.get(name)}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=types.get(name, kind), nargs=nargs)
+            if name in choices:
+                kwargs["choices"] = tuple(choices[name])
+        parser.add_argument(f"--{name}", **kwargs)
+
+
+def given(args: argparse.Namespace, names: Iterable[str]) -> dict:
+    """The flags among ``names`` that were given on the command line (tuples for nargs flags)."""
+    out = {}
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            out[name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_from(cls, preset: dict, args: argparse.Namespace, names: Iterable[str], **overrides):
+    """``cls`` built from its defaults, then ``preset`` (its fields only), the given flags, ``overrides``.
+
+    A rejected value (the dataclass's ``__post_init__``) is a UsageError: one line, exit 2.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {**{k: v for k, v in preset.items() if k in fields}, **given(args, names), **overrides}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def config_dict(config) -> dict:
+    """A config dataclass as config.json stores it."""
+    return dataclasses.asdict(config)
+
+
+def config_of(cls, stored: dict):
+    """A config dataclass back from config.json (JSON lists to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+def add_run_flags(p: argparse.ArgumentParser, default_dataset: str, augment: bool = True) -> None:
+    """Data, scenario, task count, validation share and run directory: what every task-sequence CLI takes."""
+    add_data_flags(p, default_dataset=default_dataset)
+    p.add_argument("--scenario", default="class_split", choices=("class_split", "permuted"))
+    p.add_argument("--task_count", type=int, default=None, help="number of tasks (default per dataset)")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="held out of each task's training split (default per dataset: CIFAR-100 0, the "
+                        "reference's protocol; 0.1 elsewhere)")
+    if augment:  # methods whose presets augment (CIFAR) take a switch to turn it off
+        p.add_argument("--no_augment", action="store_true", help="no crop, flip or brightness jitter")
+    p.add_argument("--workdir", default=None, help="run directory (default runs/<method>_<dataset>_...)")
+
+
+def run_settings(args: argparse.Namespace, preset: dict) -> dict:
+    """The task sequence's settings (dataset, scenario, seed, val_fraction, task_count), flags over the preset."""
+    task_count = args.task_count if args.task_count is not None else preset["task_count"]
+    if task_count < 1:
+        raise UsageError(f"--task_count must be at least 1, got {task_count}")
+    val = args.val_fraction if args.val_fraction is not None else preset["val_fraction"]
+    return dict(dataset=args.dataset, scenario=args.scenario, seed=args.seed, val_fraction=val, task_count=task_count)
+
+
+def build_scenario(cfg: dict, data_dir=None, tfds_dir=None) -> data.Scenario:
+    """Load the dataset and cut it into tasks; bad task counts become a UsageError."""
+    ds = data.load(cfg["dataset"], data_dir=data_dir, tfds_dir=tfds_dir)
+    try:
+        return data.build(cfg["scenario"], ds, cfg["task_count"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def run_on_scenario(make_learner: Callable, cfg: dict, workdir, *, title: str, data_dir=None, tfds_dir=None,
+                    progress: bool = False, stop_after: int | None = None, echo=print) -> dict:
+    """Build the configured scenario and ``make_learner(scenario)``, then ``loop.run`` it; bad settings exit 2."""
+    from modkd_jax import loop
+
+    scenario = build_scenario(cfg, data_dir, tfds_dir)
+    try:
+        learner = make_learner(scenario)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return loop.run(learner, cfg, workdir, progress=progress, stop_after=stop_after, echo=echo,
+                    title=f"{title} on {scenario.name}")

@@ -17,9 +17,15 @@ Thesis protocol (needs CIFAR through TFDS; GPU recommended):
 
     python -m experiments.ocl --datasets mnist cifar10 cifar100 fashion_mnist
 
-The workdir is the run: config.json, metrics.jsonl, results.json, PNG plots;
-each finished (setting, split, batch size) is kept under parts/ and skipped
-when the same command is run again.
+The workdir holds config.json, results.json (every part's numbers, the tables'
+source), PNG plots and one run directory per (setting, split, batch size),
+e.g. s1_6.5-2.3-2.4_b64/. A Setting 1 part is a ``modkd_jax.loop`` run (its own
+config.json, metrics.jsonl, results.json in the library's one schema, one
+checkpoint per task): the same command resumes it after its last finished
+task. A Setting 2 part is one pass over one merged stream (no tasks to
+checkpoint between): its results.json has the same fields where they apply
+(``accuracy`` per task after the stream instead of ``accuracy_matrix``); an
+interrupted one runs again from the start. Finished parts are skipped.
 """
 
 from __future__ import annotations
@@ -33,13 +39,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import UsageError, guarded, show_progress
-from modkd_jax import data, metrics, rundir
+from experiments.common import UsageError, add_config_flags, config_from, guarded, show_progress
+from modkd_jax import data, loop, metrics, rundir
+from modkd_jax.learner import scenario_fields
 from modkd_jax.data.sources import DATASETS
 from modkd_jax.methods import split_backbone as sb
 from modkd_jax.models import convert
 
 THESIS_SPLITS = ("6.5-2.3-2.4", "2.0-4.0-5.2")
+FLAGS = ("lr_task", "lr_shared", "optimizer", "momentum", "stem_mode", "temperature", "eval_batch", "eval_split")
+HELP = {"lr_task": "learning rate of the task-specific layers", "lr_shared": "learning rate of the shared layers",
+        "momentum": "SGD momentum", "temperature": "softmax temperature of the task-ID rules",
+        "stem_mode": "ImageNet stem on small inputs: imagenet (7x7/2 + max-pool), no_pool (7x7/2), stride1 (7x7/1)",
+        "eval_split": "where Val1/Val2 are measured (val: 10%% of each training set held out)"}
+CHOICES = {"optimizer": ("sgd", "adam"), "stem_mode": tuple(sb.STEM_MODES), "eval_split": ("test", "val")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,10 +65,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=list(THESIS_SPLITS),
                    help="parameter budgets F-S-T in millions (frozen-shared-task specific)")
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[64, 256, 512])
-    p.add_argument("--lr_task", type=float, default=0.01, help="learning rate of the task-specific layers")
-    p.add_argument("--lr_shared", type=float, default=0.001, help="learning rate of the shared layers")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--init", default="random",
                    help="'random' or an .npz of backbone weights (our layout or a torchvision ResNet-18 "
                         "state dict; see modkd_jax/models/convert.py)")
@@ -64,20 +73,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain_epochs", type=int, default=3)
     p.add_argument("--pretrain_subset", type=int, default=None, help="at most this many source examples")
     p.add_argument("--pretrain_lr", type=float, default=1e-3, help="Adam learning rate of the pre-training")
-    p.add_argument("--stem_mode", default="no_pool", choices=tuple(sb.STEM_MODES),
-                   help="ImageNet stem on small inputs: imagenet (7x7/2 + max-pool), no_pool (7x7/2), stride1 (7x7/1)")
     p.add_argument("--image_size", type=int, default=32, help="every dataset is resized to this, with 3 channels")
     p.add_argument("--train_subset", type=int, default=None,
                    help="at most this many training examples per dataset (random, from --seed)")
     p.add_argument("--test_subset", type=int, default=None, help="at most this many test examples per dataset")
-    p.add_argument("--eval_split", default="test", choices=("test", "val"),
-                   help="where Val1/Val2 are measured (val: 10%% of each training set held out)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the task-ID rules")
-    p.add_argument("--eval_batch", type=int, default=256)
     p.add_argument("--data_dir", default=None, help="folder with the official archives (default ../shared/data)")
     p.add_argument("--tfds_dir", default=None, help="where TFDS keeps prepared data (env MODKD_TFDS_DIR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="run directory (default runs/ocl_<datasets>_s<seed>)")
+    add_config_flags(p, sb.OCLConfig, FLAGS, HELP, CHOICES)
     return p
 
 
@@ -85,8 +89,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting of the run, checked; bad values become a UsageError."""
     if len(args.datasets) < 2:
         raise UsageError("--datasets needs at least two datasets (one task each)")
+    method = config_from(sb.OCLConfig, {}, args, FLAGS)  # OCLConfig holds the defaults; checks the values
     for name, v in (("--batch_sizes", min(args.batch_sizes)), ("--image_size", args.image_size),
-                    ("--eval_batch", args.eval_batch), ("--pretrain_epochs", args.pretrain_epochs)):
+                    ("--pretrain_epochs", args.pretrain_epochs)):
         if v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     for name in ("train_subset", "test_subset", "pretrain_subset"):
@@ -112,14 +117,13 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if text not in splits:
             splits.append(text)
     return dict(datasets=list(args.datasets), settings=sorted(set(args.settings)), splits=splits,
-                batch_sizes=list(dict.fromkeys(args.batch_sizes)), lr_task=args.lr_task, lr_shared=args.lr_shared,
-                optimizer=args.optimizer, momentum=args.momentum,
+                batch_sizes=list(dict.fromkeys(args.batch_sizes)),
+                **{name: getattr(method, name) for name in FLAGS},
                 init=args.init if args.init == "random" else str(Path(args.init).resolve()),
                 pretrain=args.pretrain, pretrain_epochs=args.pretrain_epochs, pretrain_subset=args.pretrain_subset,
-                pretrain_lr=args.pretrain_lr, pretrain_batch=64, stem_mode=args.stem_mode,
+                pretrain_lr=args.pretrain_lr, pretrain_batch=64,
                 image_shape=[args.image_size, args.image_size, 3], train_subset=args.train_subset,
-                test_subset=args.test_subset, eval_split=args.eval_split, temperature=args.temperature,
-                eval_batch=args.eval_batch, seed=args.seed)
+                test_subset=args.test_subset, seed=args.seed)
 
 
 def subset(ds: data.Dataset, train_n: int | None, test_n: int | None, seed: int) -> data.Dataset:
@@ -150,6 +154,7 @@ def initial_backbone(cfg: dict, workdir: Path, data_dir=None, tfds_dir=None, ech
     if cache.exists():
         echo(f"pre-trained backbone: {cache} (cached)")
         return convert.load_npz(cache)
+    rundir.filter_metrics(workdir, lambda rec: rec.get("run") != "pretrain")  # an interrupted pre-training
     source = subset(data.load(cfg["pretrain"], data_dir=data_dir, tfds_dir=tfds_dir), cfg["pretrain_subset"], None,
                     cfg["seed"])
     split = data.dataset_sequence([source], shape=tuple(cfg["image_shape"]), seed=cfg["seed"],
@@ -169,46 +174,75 @@ def initial_backbone(cfg: dict, workdir: Path, data_dir=None, tfds_dir=None, ech
 
 
 def part_name(setting: int, split: str, batch_size: int) -> str:
-    """File-safe name of one (setting, split, batch size) run."""
+    """File-safe name of one (setting, split, batch size) run: its run directory under the workdir."""
     return f"s{setting}_{split}_b{batch_size}"
 
 
-def _keep_finished_metrics(workdir: Path, finished: set[str]) -> None:
-    """Drop metric lines of runs that did not finish (left by an interrupted command)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("run") in finished
-            | ({"pretrain"} if (workdir / "pretrained_backbone.npz").exists() else set())]
-    path.write_text("".join(line + "\n" for line in keep))
+def part_config(cfg: dict, setting: int, split: str, batch_size: int) -> dict:
+    """A part's own config.json: the command's settings with one setting, split and batch size."""
+    common = {k: v for k, v in cfg.items() if k not in ("settings", "splits", "batch_sizes")}
+    return {**common, "setting": setting, "split": split, "batch_size": batch_size}
 
 
-def run_part(cfg: dict, scenario: data.Scenario, init, setting: int, split: str, batch_size: int, log,
-             progress: bool) -> dict:
-    """One (setting, split, batch size) run from the initial backbone; returns its JSON-ready result."""
-    key = jax.random.key(cfg["seed"])
-    net, params, stats = sb.build(split, scenario.block_sizes, jax.random.fold_in(key, 3), init=init,
-                                  stem_mode=cfg["stem_mode"], mean=tuple(scenario.norm[0]), std=tuple(scenario.norm[1]),
-                                  input_shape=scenario.input_shape)
-    tx = sb.make_optimizer(cfg["lr_shared"], cfg["lr_task"], cfg["optimizer"], cfg["momentum"])
-    evals = [getattr(t, cfg["eval_split"]) for t in scenario.tasks]
-    common = dict(batch_size=batch_size, tx=tx, eval_splits=evals, eval_batch=cfg["eval_batch"],
-                  temperature=cfg["temperature"], progress=progress)
+def method_config(cfg: dict, split: str, batch_size: int) -> sb.OCLConfig:
+    """The OCLConfig of one part: the command's method settings with one split and batch size."""
+    return sb.OCLConfig(split=split, batch_size=batch_size, **{name: cfg[name] for name in FLAGS})
+
+
+def part_done(path: Path, task_count: int) -> bool:
+    """Whether a part's run directory holds a finished run's results.json."""
+    res = path / "results.json"
+    return res.is_file() and json.loads(res.read_text()).get("tasks_done") == task_count
+
+
+def run_setting1(cfg: dict, scenario: data.Scenario, init, split: str, batch_size: int, path: Path,
+                 progress: bool, echo) -> dict:
+    """Setting 1 through ``modkd_jax.loop.run`` (resumable per task); returns the part's results.json."""
+    learner = sb.learner(method_config(cfg, split, batch_size), scenario, init)
+    return loop.run(learner, part_config(cfg, 1, split, batch_size), path, progress=progress, echo=echo,
+                    title=f"Setting 1, split {split}, batch {batch_size}")
+
+
+def run_setting2(cfg: dict, scenario: data.Scenario, init, split: str, batch_size: int, path: Path,
+                 progress: bool) -> dict:
+    """Setting 2: one merged stream from the state Setting 1 starts from; results.json in the same fields.
+
+    Differences from a loop run: one evaluation after the whole stream (``accuracy``:
+    ``{rule: per task}``, no ``accuracy_matrix``/forgetting), no checkpoints.
+    """
+    pcfg = part_config(cfg, 2, split, batch_size)
+    path = rundir.open_run(path, pcfg)
+    rundir.filter_metrics(path, lambda rec: False)  # an interrupted stream runs again from its start
+    m = sb.setup(method_config(cfg, split, batch_size), scenario, init)
+    init_key, _ = jax.random.split(jax.random.key(cfg["seed"]))  # loop.run's: Setting 1's initial state
     t0 = time.perf_counter()
-    out = {"setting": setting, "split": split, "batch_size": batch_size,
-           "groups": {g: {"params": net.sizes()[g], "layers": [layer.name for layer in net.layers_of(g)]}
-                      for g in sb.GROUPS}}
-    if setting == 1:
-        _, _, R = sb.setting1(net, params, stats, scenario, key=jax.random.fold_in(key, 4 + batch_size), log=log,
-                              **common)
+    state, accs, info = sb.setting2(m, init_key, cfg["seed"] + batch_size, progress=progress,
+                                    log=lambda rec: rundir.log_metrics(path, rec))
+    info["seconds"] = time.perf_counter() - t0
+    T = scenario.task_count
+    results = {"schema": loop.SCHEMA, "method": "split_backbone_merged_stream", "config": pcfg,
+               **{k: [list(v) for v in vs] if k == "classes" else list(vs)
+                  for k, vs in scenario_fields(scenario).items()},
+               "tasks_done": T, "rules": list(sb.RULES), "lead_axes": [], "accuracy": accs,
+               "final": {r: float(np.mean(a)) for r, a in accs.items()}, "seconds": info["seconds"],
+               "stream_info": info, "params": sb.param_counts(m, state), "split": split, "batch_size": batch_size,
+               "groups": sb.groups_report(m.net)}
+    rundir.write_json(path / "results.json", results)
+    return json.loads((path / "results.json").read_text())
+
+
+def summary_of(res: dict) -> dict:
+    """A part's entry in the workdir's results.json (what the tables and plots read)."""
+    cfg = res["config"]
+    out = {"setting": cfg["setting"], "split": cfg["split"], "batch_size": cfg["batch_size"], "groups": res["groups"]}
+    if cfg["setting"] == 1:
+        R = {r: np.asarray(v, float) for r, v in res["accuracy_matrix"].items()}
         til = R["til"]
         out.update(R=R, val1=np.diag(til), val2=til[-1], forgetting=metrics.forgetting(til),
-                   summary={rule: metrics.summarize(R[rule]) for rule in ("til", "cil")})
+                   summary={rule: res["summary"][rule] for rule in ("til", "cil")},
+                   seconds=float(np.sum(res["seconds_per_task"])))
     else:
-        _, _, accs = sb.setting2(net, params, stats, scenario, seed=cfg["seed"] + batch_size, log=log, **common)
-        out.update(acc=accs, mean={rule: float(np.mean(v)) for rule, v in accs.items()})
-    out["seconds"] = time.perf_counter() - t0
+        out.update(acc=res["accuracy"], mean=res["final"], seconds=res["seconds"])
     return out
 
 
@@ -221,11 +255,8 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     workdir = rundir.open_run(workdir, cfg)
-    parts_dir = workdir / "parts"
-    parts_dir.mkdir(exist_ok=True)
     todo = [(s, split, b) for s in cfg["settings"] for split in cfg["splits"] for b in cfg["batch_sizes"]]
-    finished = {p.stem for p in parts_dir.glob("*.json")}
-    _keep_finished_metrics(workdir, finished)
+    finished = {part_name(*p) for p in todo if part_done(workdir / part_name(*p), scenario.task_count)}
     echo(f"{scenario.name}: {', '.join(f'{t.name} ({len(t.train.y)} train)' for t in scenario.tasks)}, "
          f"inputs {'x'.join(map(str, scenario.input_shape))}, stem {cfg['stem_mode']}")
     for split in cfg["splits"]:
@@ -237,20 +268,24 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     results = {}
     for setting, split, bs in todo:
         name = part_name(setting, split, bs)
-        path = parts_dir / f"{name}.json"
-        if name in finished:
-            results[name] = json.loads(path.read_text())
-            continue
-        log = lambda rec, name=name: rundir.log_metrics(workdir, {"run": name, **rec})  # noqa: E731
-        res = run_part(cfg, scenario, init, setting, split, bs, log, progress)
-        rundir.write_json(path, res)
-        results[name] = json.loads(path.read_text())
-        echo(f"finished {name} in {res['seconds']:.0f}s")
+        path = workdir / name
+        if name not in finished:
+            t0 = time.perf_counter()
+            echo(f"{name}:")
+            if setting == 1:
+                run_setting1(cfg, scenario, init, split, bs, path, progress, echo)
+            else:
+                run_setting2(cfg, scenario, init, split, bs, path, progress)
+            echo(f"finished {name} in {time.perf_counter() - t0:.0f}s")
+        results[name] = {**summary_of(json.loads((path / "results.json").read_text())),
+                         "results": f"{name}/results.json"}
     out = {"method": "split_backbone_ocl", "config": cfg, "tasks": [t.name for t in scenario.tasks],
            "examples": {"train": [len(t.train.y) for t in scenario.tasks],
                         cfg["eval_split"]: [len(getattr(t, cfg["eval_split"]).y) for t in scenario.tasks]},
            "runs": results}
     rundir.write_json(workdir / "results.json", out)
+    out = json.loads((workdir / "results.json").read_text())  # as it reads back (NaN: null), parts in run order
+    out["runs"] = {name: out["runs"][name] for name in results}
     plot(workdir, out)
     echo(tables(out))
     return out

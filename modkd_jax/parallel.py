@@ -3,7 +3,7 @@
 Nothing here is a second implementation of a step. A mesh has two axes,
 ``("agents", "data")``: batches are split along ``data``, parameters, owner
 maps, masks and optimizer state are replicated, and the library's jitted
-functions (``training.make_train_step``, ``training.make_subnet_eval``,
+functions (``training.make_step``, ``evaluation.make_subnet_counts``,
 ``routing.subnet_probs`` inside them) run unchanged under ``jax.jit`` sharding
 annotations; XLA inserts the cross-device reductions. Batch-norm statistics are
 therefore *global*: the batch mean in ``TaskBatchNorm`` is a mean over the
@@ -12,12 +12,12 @@ default) is room for decentralized runs that place one agent per mesh row::
 
     from modkd_jax import parallel, training
     mesh = parallel.make_mesh()                       # all devices on "data"
-    step = parallel.data_parallel(training.make_train_step(spec, tx), mesh)
+    step = parallel.data_parallel(training.make_step(loss_fn, tx), mesh)
     carry = parallel.replicate(mesh, carry)
-    carry, metrics = step(carry, x, y, key, task, fwd_mask, trn_mask, teacher_vars)
+    carry, metrics = step(carry, training.Batch(x, y), key, ctx)
 
 ``data_parallel`` splits the arguments named by ``batch_argnums`` (default:
-``x`` and ``y`` of a train step) along ``data``, replicates every other one
+the ``Batch`` of a train step) along ``data``, replicates every other one
 and returns replicated outputs, so a carry keeps its layout from step to step
 (no recompiles). The global batch must divide by the ``data`` axis size.
 
@@ -153,46 +153,71 @@ def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
     return jax.tree.map(put, tree)
 
 
-def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1, 2),
-                  donate_argnums: Sequence[int] = (0,), out_shardings: PyTree = None) -> Callable:
-    """``fn`` (a jitted step or evaluator of this library) data-parallel on ``mesh``.
+class DataParallel:
+    """A jitted function of this library made data-parallel on a mesh (see ``data_parallel``)."""
 
-    Positional arguments in ``batch_argnums`` are split along ``data`` (their
-    leading axis), all others replicated; outputs are replicated unless
-    ``out_shardings`` says otherwise (a pytree prefix of ``NamedSharding``).
-    ``fn`` runs unchanged: this is ``jax.jit`` with sharding annotations, and
-    the reductions over the batch (losses, gradients, batch-norm statistics)
-    become global reductions across the mesh. A batch that does not split
-    evenly over ``data`` (an epoch's last partial batch) runs replicated: every
-    device computes it whole, so the result is the single-device one.
-    """
-    batch_argnums = tuple(batch_argnums)
-    rep, bat = replicated(mesh), batch_sharding(mesh)
-    outs = rep if out_shardings is None else out_shardings
-    compiled: dict[int, Callable] = {}
+    def __init__(self, fn: Callable, mesh: Mesh, batch_argnums: Sequence[int], donate_argnums: Sequence[int],
+                 out_shardings: PyTree):
+        self.fn, self.mesh = fn, mesh
+        self.batch_argnums, self.donate_argnums = tuple(batch_argnums), tuple(donate_argnums)
+        self.out_shardings = replicated(mesh) if out_shardings is None else out_shardings
+        self._compiled: dict[tuple[int, bool], Callable] = {}
+        self._signatures: set = set()
 
-    def prepare(args):
-        n = len(args)
-        split = all(np.shape(args[i])[0] % mesh.shape["data"] == 0 for i in batch_argnums if i < n)
-        if (n, split) not in compiled:
-            shardings = tuple(bat if split and i in batch_argnums else rep for i in range(n))
-            compiled[(n, split)] = jax.jit(fn, in_shardings=shardings, out_shardings=outs,
-                                           donate_argnums=tuple(i for i in donate_argnums if i < n))
+    @property
+    def devices(self) -> int:
+        """Devices on the ``data`` axis (whole batches are multiples of it)."""
+        return self.mesh.shape["data"]
+
+    def _splits(self, args) -> bool:
+        leaves = [x for i in self.batch_argnums if i < len(args) for x in jax.tree.leaves(args[i])]
+        return all(np.ndim(x) > 0 and np.shape(x)[0] % self.devices == 0 for x in leaves)
+
+    def _prepare(self, args):
+        n, split = len(args), self._splits(args)
+        if (n, split) not in self._compiled:
+            rep, bat = replicated(self.mesh), batch_sharding(self.mesh)
+            shardings = tuple(bat if split and i in self.batch_argnums else rep for i in range(n))
+            self._compiled[(n, split)] = jax.jit(self.fn, in_shardings=shardings, out_shardings=self.out_shardings,
+                                                 donate_argnums=tuple(i for i in self.donate_argnums if i < n))
         # Host arrays and single-device batches go to their shards, everything else to every device; arrays
         # already placed pass through untouched (no copy, so donation still reuses their buffers).
-        args = [shard_batch(mesh, a) if split and i in batch_argnums else jax.device_put(a, rep)
+        args = [shard_batch(self.mesh, a) if split and i in self.batch_argnums else jax.device_put(a, replicated(self.mesh))
                 for i, a in enumerate(args)]
-        return compiled[(n, split)], args
+        self._signatures.add((n, split, tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                                              for x in jax.tree.leaves(args))))
+        return self._compiled[(n, split)], args
 
-    def run(*args):
-        jitted, args = prepare(args)
+    def __call__(self, *args):
+        jitted, args = self._prepare(args)
         return jitted(*args)
 
-    def lower(*args):
+    def lower(self, *args):
         """The lowered program for these arguments (``.compile().as_text()`` shows the collectives)."""
-        jitted, args = prepare(args)
+        jitted, args = self._prepare(args)
         return jitted.lower(*args)
 
-    run.mesh, run.lower = mesh, lower
-    run.compiled_count = lambda: sum(f._cache_size() for f in compiled.values())  # recompiles show up here
-    return run
+    def compiled_count(self) -> int:
+        """Distinct argument signatures seen, i.e. programs compiled (recompiles show up here)."""
+        return len(self._signatures)
+
+
+def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1,),
+                  donate_argnums: Sequence[int] = (0,), out_shardings: PyTree = None) -> DataParallel:
+    """``fn`` (a jitted step or evaluator of this library) data-parallel on ``mesh``.
+
+    Positional arguments in ``batch_argnums`` (arrays or pytrees of arrays) are
+    split along ``data`` (their leading axis), all others replicated; outputs are
+    replicated unless ``out_shardings`` says otherwise (a pytree prefix of
+    ``NamedSharding``). ``fn`` runs unchanged: this is ``jax.jit`` with sharding
+    annotations, and the reductions over the batch (losses, gradients, batch-norm
+    statistics) become global reductions across the mesh. A batch that does not
+    split evenly over ``data`` (an epoch's last partial batch) runs replicated:
+    every device computes it whole, so the result is the single-device one.
+    """
+    return DataParallel(fn, mesh, batch_argnums, donate_argnums, out_shardings)
+
+
+def devices_of(fn: Callable) -> int:
+    """The data-parallel width of a step or counts function: its devices, or 1 for a plain jitted one."""
+    return fn.devices if isinstance(fn, DataParallel) else 1

@@ -4,7 +4,9 @@ Exits 0 and prints ``OK`` when (1) the ppermute exchange equals ``jnp.roll`` for
 every shift on 2-, 4- and 8-device meshes, (2) an 8-agent run sharded one agent
 per device equals the same run vmapped on one device, in both exchange modes,
 (3) the sharded train step compiles to no cross-device communication and (4)
-in probe mode the only thing crossing devices is the probe-set logits.
+in probe mode the only thing crossing devices is the probe-set logits, and (5) a
+sharded run stopped after 2 experiences and resumed by ``loop.run`` from its
+orbax checkpoint gives the uninterrupted run's matrices.
 XLA_FLAGS must be set before JAX starts, hence a separate process.
 
 The runs use SGD: batched (vmapped) and per-device matmuls round differently
@@ -19,6 +21,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,7 +33,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modkd_jax import data  # noqa: E402
+from modkd_jax import data, loop  # noqa: E402
 from modkd_jax.methods import dkt  # noqa: E402
 
 AGENTS, TASKS = 8, 5
@@ -62,21 +65,23 @@ def primitives(jaxpr) -> list:
 
 
 def run(world):
-    """Train every experience; return the final state, progress and accuracy rows."""
-    state, prog, rows = dkt.init_state(world), dkt.new_progress(world.agents), []
+    """Train every experience through the Learner; return the final state, progress and accuracy rows."""
+    learner, rows = dkt.learner(world), []
+    state = learner.init_state(jax.random.key(0))
     for t in range(world.task_count):
-        state, prog, _ = dkt.learn_experience(world, state, prog, t)
-        rows.append(dkt.evaluate(world, state, t))
-    return state, prog, rows
+        state, _ = learner.learn_task(state, t, jax.random.key(t))
+        rows.append(learner.evaluate(state, t + 1))
+    prog = state["progress"]
+    return state, {"rounds": int(prog["rounds"]), "bytes_sent": [int(b) for b in prog["bytes_sent"]]}, rows
 
 
 def check_runs(ds, mode):
     """Both paths with SGD, whose updates are linear in the gradients (see the module docstring)."""
-    cfg = dkt.DKTConfig(hidden=(32, 32), epochs=1, batch_size=32, probe_batch_size=16, n_probe=64, lr=0.05,
-                        optimizer="sgd", exchange=mode, topology="gossip" if mode == "probe" else "ring",
+    cfg = dkt.DKTConfig(agents=AGENTS, hidden=(32, 32), epochs=1, batch_size=32, probe_batch_size=16, n_probe=64,
+                        lr=0.05, optimizer="sgd", exchange=mode, topology="gossip" if mode == "probe" else "ring",
                         eval_batch_size=360)
-    vmapped = dkt.setup(cfg, ds, TASKS, agents=AGENTS, seed=3, devices=1)
-    sharded = dkt.setup(cfg, ds, TASKS, agents=AGENTS, seed=3, devices=8)
+    vmapped = dkt.setup(cfg, ds, TASKS, seed=3, devices=1)
+    sharded = dkt.setup(cfg, ds, TASKS, seed=3, devices=8)
     s_v, p_v, r_v = run(vmapped)
     s_s, p_s, r_s = run(sharded)
     for leaf in jax.tree.leaves(s_s["learners"]["params"]):  # one agent per device, really sharded
@@ -95,7 +100,18 @@ def check_runs(ds, mode):
         for k in rv:
             np.testing.assert_allclose(rv[k], rs[k], atol=1.5 / len(ds.test_y))  # at most one test image flips
     print(f"{mode}: sharded == vmapped (max |diff| {worst:.2e}), rounds {p_s['rounds']}")
-    return sharded, s_s
+    return sharded, s_s, r_s
+
+
+def check_resume(world, rows):
+    """A sharded run stopped after 2 experiences and resumed equals the uninterrupted one (``rows``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        loop.run(dkt.learner(world), {"seed": world.seed}, tmp, stop_after=2, echo=None)
+        res = loop.run(dkt.learner(world), {"seed": world.seed}, tmp, echo=None)
+    for t, row in enumerate(rows):
+        for k, v in row.items():
+            np.testing.assert_array_equal(np.asarray(res["accuracy_matrix"][k], float)[:, t], v)
+    print("resume: sharded run resumed after 2 experiences == uninterrupted")
 
 
 def check_traffic(world, state):
@@ -128,8 +144,9 @@ def main():
     check_exchange()
     print("exchange: ppermute == roll for shifts 0..9 on 2/4/8 devices")
     ds = data.load("digits")
-    world, state = check_runs(ds, "probe")
+    world, state, rows = check_runs(ds, "probe")
     check_traffic(world, state)
+    check_resume(world, rows)
     check_runs(ds, "weights")
     print("OK")
 

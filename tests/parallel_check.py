@@ -4,9 +4,9 @@ Checks on real data (scikit-learn's digits, 2 tasks of 5 classes), with the
 steps ``methods.mind.setup`` builds:
 1. the MIND teacher step (gated ResNet-32, crop+flip): loss, parameters,
    optimizer state and batch-norm statistics after two steps;
-2. the distillation step (``make_train_step`` with MIND's ``loss="symkl"`` and a teacher):
+2. the distillation step (``training.make_step`` with MIND's symkl loss and a teacher):
    the student sub-network of task 1 against a trained dense teacher;
-3. class-incremental inference over all sub-networks (``make_subnet_eval`` and
+3. class-incremental inference over all sub-networks (``make_subnet_counts`` and
    ``routing.subnet_probs`` with strategies "map" and "vmap");
 4. batch-norm statistics are global: the 8-device run's running mean equals the
    mean over the *whole* batch, not over one device's shard;
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 # The persistent XLA cache comes from tests/conftest.py through JAX_COMPILATION_CACHE_DIR.
 jax.config.update("jax_cpu_enable_async_dispatch", os.environ.get("ASYNC", "0") == "1")
 
-from modkd_jax import data, masks, models, parallel, routing  # noqa: E402
+from modkd_jax import data, masks, models, parallel, routing, training  # noqa: E402
 from modkd_jax.methods import mind  # noqa: E402
 
 BATCH = 16  # 2 examples per device
@@ -73,7 +73,8 @@ def run_steps(step, carry, batches, task, fwd, trn, teacher_vars):
     """Train steps over ``batches``; returns the final carry and the per-step losses."""
     losses = []
     for i, (x, y) in enumerate(batches):
-        carry, m = step(carry, x, y, jax.random.key(i), jnp.int32(task), fwd, trn, teacher_vars)
+        carry, m = step(carry, training.Batch(x, y), jax.random.key(i),
+                        mind.Context(jnp.int32(task), fwd, trn, teacher_vars))
         losses.append(m["loss"])
     return carry, jnp.stack(losses)
 
@@ -92,7 +93,7 @@ def main() -> int:
     # 1. teacher step (dense, full masks)
     t_params, t_bs = models.init(m.teacher, jax.random.key(1), scenario.input_shape)
     full = masks.full_mask(t_params)
-    carry0 = (t_params, t_bs, m.steps["tx_teacher"].init(t_params))
+    carry0 = (t_params, t_bs, m.txs["teacher"].init(t_params))
     one, l1 = run_steps(m.steps["teacher"], copy(carry0), batches, 0, full, full, None)
     sharded_teacher = parallel.data_parallel(m.steps["teacher"], mesh)
     eight, l8 = run_steps(sharded_teacher, parallel.replicate(mesh, copy(carry0)), batches, 0, full, full, None)
@@ -106,7 +107,8 @@ def main() -> int:
     assert sharded_teacher.compiled_count() == 1, sharded_teacher.compiled_count()
     xs = parallel.shard_batch(mesh, batches[0][0])
     assert [s.data.shape[0] for s in xs.addressable_shards] == [BATCH // 8] * 8
-    hlo = sharded_teacher.lower(eight, *batches[0], jax.random.key(0), jnp.int32(0), full, full, None)
+    hlo = sharded_teacher.lower(eight, training.Batch(*batches[0]), jax.random.key(0),
+                                mind.Context(jnp.int32(0), full, full))
     assert "all-reduce" in hlo.compile().as_text()
     print("ok   one compilation, batch split 8 ways, gradients all-reduced")
     check_global_bn(m, sharded_teacher, mesh, t_params, t_bs, full, batches[0])
@@ -118,7 +120,7 @@ def main() -> int:
     owner = masks.assign(owner, m.kinds, 1, 2, key=jax.random.key(4))
     fwd, trn = masks.forward_mask(owner, 1), masks.trainable_mask(owner, 1)
     p = s_state["params"]
-    carry0 = (p, s_state["batch_stats"], m.steps["tx_distill"].init(p))
+    carry0 = (p, s_state["batch_stats"], m.txs["distill"].init(p))
     # One step. The paper's L_SD against a teacher trained for two steps is large (~54), and its gradient in
     # the gated student's first layers is sensitive to the batch-norm statistics' reduction order: after one
     # SGD step at lr 0.05 the stem differs by up to 2e-3 (on weights up to 1.45; 5.9e-4 on 0.2 in its BN
@@ -138,15 +140,15 @@ def main() -> int:
 
     # 3. class-incremental inference over every sub-network (test split of both tasks, padded batches)
     params, bs = one_d[0], one_d[1]
-    ev8 = parallel.data_parallel(m.subnet_eval, mesh, batch_argnums=(3, 4, 5), donate_argnums=())
+    ev8 = parallel.data_parallel(m.subnet_counts, mesh, batch_argnums=(3, 4, 5), donate_argnums=())
     for j, t in enumerate(scenario.tasks):
         x, y = t.test.x[:32], t.test.y[:32]
         valid = np.ones(len(y), bool)
-        c1 = m.subnet_eval(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
+        c1 = m.subnet_counts(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
         c8 = ev8(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
         close(f"subnet_eval counts task {j}", c1, c8)
     xf = data.batching.to_float(scenario.tasks[0].test.x[:32], *scenario.norm)
-    for strategy in ("vmap",):  # "map" ran inside make_subnet_eval above
+    for strategy in ("vmap",):  # "map" ran inside make_subnet_counts above
         def probs(params, bs, owner, x, strategy=strategy):
             return routing.subnet_probs(m.student.apply, params, bs, owner, x, 2, m.block_size, 6.5, strategy)
         p1 = jax.jit(probs)(params, bs, owner, xf)
@@ -162,10 +164,10 @@ def main() -> int:
 def check_global_bn(m, sharded, mesh, params, bs, full, batch):
     """One 8-device step's new running mean is 0.1 x the mean over the *global* batch (not one shard's)."""
     x, y = batch
-    carry = (copy(params), copy(bs), m.steps["tx_teacher"].init(params))
+    carry = (copy(params), copy(bs), m.txs["teacher"].init(params))
     # The stem BN's running mean after one step, from the 8-device run ...
-    (_, bs8, _), _ = sharded(parallel.replicate(mesh, carry), x, y, jax.random.key(0), jnp.int32(0), full, full,
-                             None)
+    (_, bs8, _), _ = sharded(parallel.replicate(mesh, carry), training.Batch(x, y), jax.random.key(0),
+                             mind.Context(jnp.int32(0), full, full))
     # ... against the stem conv output's mean over the whole batch, computed directly on one device.
     xf = data.batching.augment(jax.random.key(0), jnp.asarray(x), jnp.asarray(m.scenario.norm[0]),
                                jnp.asarray(m.scenario.norm[1]), True)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from experiments import baselines as cli
-from experiments import runner
+from experiments.common import build_scenario
+from modkd_jax import loop
 from modkd_jax import data, masks, metrics, training
 from modkd_jax.methods import baselines
 
@@ -161,7 +162,7 @@ def test_cli_writes_results_like_mind_and_resumes(cli_runs, method):
         R = np.asarray(res["accuracy_matrix"][rule], float)
         assert R.shape == (5, 5) and np.all(np.isfinite(R))
         assert set(res["summary"][rule]) >= {"average_accuracy", "forgetting"}
-    assert np.asarray(res["task_id_matrix"], float).shape == (5, 5)
+    assert np.asarray(res["accuracy_matrix"]["task_id"], float).shape == (5, 5)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert sum(line["phase"] == "summary" for line in lines) == 5  # no duplicated task lines
     til = np.asarray(res["accuracy_matrix"]["til"], float)
@@ -171,8 +172,8 @@ def test_cli_writes_results_like_mind_and_resumes(cli_runs, method):
 def test_resumed_run_equals_an_uninterrupted_one(cli_runs):
     """EWC carries the most state across tasks (anchor weights, summed Fisher): resuming must restore it."""
     cfg, _, _, resumed, _ = cli_runs["ewc"]
-    learner = runner.baseline_learner(cli.config_of(cfg), cli.build_scenario(cfg))
-    whole = runner.run(learner, cli.build_scenario(cfg), cfg, None, echo=None)
+    learner = baselines.learner(cli.config_of_run(cfg), build_scenario(cfg))
+    whole = loop.run(learner, cfg, None, echo=None)
     for rule in ("til", "cil"):
         np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule], float),
                                       np.asarray(whole["accuracy_matrix"][rule], float))

@@ -142,11 +142,10 @@ def test_run_phase_keeps_the_last_partial_batch_unless_asked(drop_last, sizes):
     tx = training.make_optimizer("adam", 0.1)
     seen = []
 
-    def step(carry, x, y, *rest):
-        seen.append(len(y))
+    def step(carry, batch, key, ctx):
+        seen.append(len(batch.y))
         return carry, {"loss": jnp.float32(0), "acc": jnp.float32(0)}
 
-    training.run_phase(step, (params, {}, tx.init(params)), split, epochs=1, batch_size=32, base_lr=0.1, milestone=1.0,
-                       key=jax.random.key(0), task=0, fwd_mask=None, trn_mask=None, progress=False,
-                       drop_last=drop_last)
+    training.run_phase(step, (params, {}, tx.init(params)), split, None,
+                       training.Phase(1, 32, 0.1, drop_last=drop_last), jax.random.key(0))
     assert seen == sizes

@@ -1,4 +1,8 @@
-"""DKT: two-head network, probe-only exchange, lambda=0 == alone, bytes, sharded == vmapped, the CLI on digits."""
+"""DKT: two-head network, probe-only exchange, lambda=0 == alone, bytes, sharded == vmapped, the CLI on digits.
+
+The CLI runs go through ``modkd_jax.loop``: results schema, one checkpoint per
+experience, resumed == uninterrupted, bad input one line and exit 2.
+"""
 
 import json
 import os
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import dkt as cli
-from modkd_jax import data, losses, models
+from modkd_jax import data, loop, losses, models
 from modkd_jax.methods import dkt
 from modkd_jax.models import two_head
 
@@ -27,12 +31,14 @@ def digits():
 
 
 def _train(world, tasks):
-    """Train ``tasks`` experiences; return state, progress and the accuracy rows after each."""
-    state, prog, rows = dkt.init_state(world), dkt.new_progress(world.agents), []
+    """Train ``tasks`` experiences through the Learner; return state, progress and the accuracy rows after each."""
+    learner, rows = dkt.learner(world), []
+    state = learner.init_state(jax.random.key(0))
     for t in range(tasks):
-        state, prog, _ = dkt.learn_experience(world, state, prog, t)
-        rows.append(dkt.evaluate(world, state, t))
-    return state, prog, rows
+        state, _ = learner.learn_task(state, t, jax.random.key(t))
+        rows.append(learner.evaluate(state, t + 1))
+    prog = state["progress"]
+    return state, {"rounds": int(prog["rounds"]), "bytes_sent": [int(b) for b in prog["bytes_sent"]]}, rows
 
 
 def test_two_head_model_shares_features():
@@ -53,7 +59,7 @@ def test_two_head_model_shares_features():
 
 
 def test_probe_set_is_held_out_of_every_agent(digits):
-    world = dkt.setup(dkt.DKTConfig(**TINY), digits, 5, agents=3, seed=0)
+    world = dkt.setup(dkt.DKTConfig(**TINY, agents=3), digits, 5, seed=0)
     n = len(digits.train_y)
     assert len(world.probe_x) == 64 and len(np.unique(world.probe_index)) == 64
     rest = np.setdiff1d(np.arange(n), world.probe_index)
@@ -68,7 +74,7 @@ def test_probe_set_is_held_out_of_every_agent(digits):
 
 
 def test_probe_mode_sends_only_probe_logits(digits):
-    world = dkt.setup(dkt.DKTConfig(**TINY, exchange="probe"), digits, 5, agents=3, seed=0)
+    world = dkt.setup(dkt.DKTConfig(**TINY, agents=3, exchange="probe"), digits, 5, seed=0)
     state, prog, _ = _train(world, 2)
     seen = np.stack([dkt.seen_mask(s, 1, 10) for s in world.scenarios])
     message = dkt.send(world, state["learners"], seen, None)
@@ -96,8 +102,8 @@ def test_probe_mode_sends_only_probe_logits(digits):
 
 @pytest.mark.parametrize("mode", ["probe", "weights"])
 def test_lambda_zero_equals_alone_and_bytes(digits, mode):
-    cfg = dict(TINY, epochs=1, exchange=mode, topology="gossip")
-    worlds = {name: dkt.setup(dkt.DKTConfig(**c), digits, 5, agents=3, seed=1)
+    cfg = dict(TINY, agents=3, epochs=1, exchange=mode, topology="gossip")
+    worlds = {name: dkt.setup(dkt.DKTConfig(**c), digits, 5, seed=1)
               for name, c in {"lam0": {**cfg, "lam": 0.0}, "alone": {**cfg, "alone": True},
                               "lam1": {**cfg, "lam": 1.0}}.items()}
     (s0, p0, r0), (sa, pa, ra), (s1, p1, r1) = (_train(worlds[n], 3) for n in ("lam0", "alone", "lam1"))
@@ -132,6 +138,7 @@ def test_sharded_agents_equal_vmapped_on_8_cpu_devices():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "probe: sharded == vmapped" in out and "weights: sharded == vmapped" in out
+    assert "resume: sharded run resumed after 2 experiences == uninterrupted" in out
     assert "only {(1, 64, 10)} float32 logits cross devices" in out and out.strip().endswith("OK")
 
 
@@ -148,12 +155,15 @@ def test_each_experiment_writes_its_run_directory(tmp_path, capsys, experiment, 
     assert cli.main(SMALL + ["--experiment", experiment, "--workdir", str(run)] + extra) == 0
     res = json.loads((run / "results.json").read_text())
     A = 3 if experiment == "agents" else 1
-    assert len(res["agents"]) == A and res["tasks_done"] == 5
-    for ag in res["agents"]:
-        for k in cli.MATRICES:
-            assert np.asarray(ag["accuracy_matrix"][k], float).shape == (5, 5)
-        assert np.all(np.diag(np.asarray(ag["accuracy_matrix"]["cl_til"], float)) > 0.8)  # each task learnt
-        assert (run / f"accuracy_matrices_agent{ag['agent']}.png").is_file()
+    assert res["schema"] == loop.SCHEMA and res["method"] == "dkt" and res["tasks_done"] == 5
+    teacher = dkt.TEACHER_RULES if A == 1 else ()
+    assert res["lead_axes"] == ["agent"] and res["rules"] == list(dkt.RULES + teacher) and len(res["agents"]) == A
+    assert set(res["accuracy_matrix"]) == set(dkt.RULES + teacher)
+    for k in dkt.RULES + teacher:
+        assert np.asarray(res["accuracy_matrix"][k], float).shape == (A, 5, 5) and len(res["final"][k]) == A
+    assert np.all(np.diagonal(np.asarray(res["accuracy_matrix"]["cl_til"], float), axis1=1, axis2=2) > 0.8)
+    assert [ag["class_order_seed"] for ag in res["agents"]] == list(range(A))
+    assert (run / "accuracy_matrices.png").is_file() and res["params_per_agent"] == res["params"]["per_agent"]
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(line["phase"] == "summary" for line in lines) == 5
@@ -161,10 +171,11 @@ def test_each_experiment_writes_its_run_directory(tmp_path, capsys, experiment, 
     rounds = {"joint_teacher": 1, "continual_teacher": 5, "agents": 7}[experiment]  # agents: every 2 of 15 epochs
     assert ex["rounds"] == rounds and ex["bytes_total"] == A * rounds * ex["bytes_per_agent_per_round"]
     assert sum(line["phase"] == "exchange" for line in lines) == rounds
+    assert res["task_infos"][-1]["bytes_sent"] == ex["bytes_sent_per_agent"]
     if experiment == "joint_teacher":  # the student head follows a teacher that knows every class
-        assert res["teacher_final"]["cil"] > 0.8 and res["agents"][0]["final"]["student_cil"] > 0.5
+        assert res["final"]["teacher_cil"][0] > 0.8 and res["final"]["student_cil"][0] > 0.5
         assert ex["bytes_per_agent_per_round"] == 100 * 10 * 4
-    assert "final average accuracy" in capsys.readouterr().out
+    assert "final: CL_CIL" in capsys.readouterr().out
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -172,15 +183,24 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     cfg = cli.resolve_config(args)
     whole = cli.run(cfg, tmp_path / "whole", echo=lambda _: None)
     part = cli.run(cfg, tmp_path / "part", stop_after=2, echo=lambda _: None)
-    assert part["tasks_done"] == 2
+    assert part["tasks_done"] == 2 and part["exchange"]["rounds"] == 2
     messages = []
     resumed = cli.run(cfg, tmp_path / "part", echo=messages.append)
-    assert any("resuming" in m and "after experience 1" in m for m in messages)
-    for a in range(2):
-        for k in cli.MATRICES:
-            np.testing.assert_array_equal(np.asarray(resumed["agents"][a]["accuracy_matrix"][k], float),
-                                          np.asarray(whole["agents"][a]["accuracy_matrix"][k], float))
-    assert resumed["exchange"] == whole["exchange"]
+    assert any("resuming" in m and "after task 1" in m for m in messages)
+    for k in resumed["accuracy_matrix"]:
+        np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][k], float),
+                                      np.asarray(whole["accuracy_matrix"][k], float))
+    assert resumed["exchange"] == whole["exchange"] and resumed["tasks_done"] == 5
+
+
+def test_compare_table_reads_the_results(tmp_path, capsys):
+    cfg = cli.resolve_config(cli.parser().parse_args(SMALL + ["--task_count", "2", "--epochs", "1"]))
+    runs = cli.compare(cfg, tmp_path, echo=lambda _: None)
+    assert set(runs) == {"alone", "probe", "weights"} and runs["alone"]["exchange"]["bytes_total"] == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("\n| ") == 4 and "| mean |" in table  # header, 2 agents, mean
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["agents"]["probe"][1]["bytes_sent"] == runs["probe"]["exchange"]["bytes_sent_per_agent"][1]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -188,6 +208,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     (["--agents", "3", "--devices", "2"], "devices"),
     (["--experiment", "joint_teacher", "--compare"], "--compare"),
     (["--exchange_every", "0"], "at least 1"),
+    (["--exchange", "gossip"], "unknown exchange"),
+    (["--task_count", "3"], "does not divide"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     workdir = tmp_path / "w"

@@ -1,8 +1,10 @@
-"""Modular experts: specialization entropy, similarity routing, allocation, knowledge transfer, the CLI on digits."""
+"""Modular experts: specialization entropy, similarity routing, allocation, the evaluator, knowledge transfer,
+the Learner contract (resume) and the CLI on digits."""
 
 import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,14 @@ import numpy as np
 import pytest
 
 from experiments import experts as cli
-from modkd_jax import data, masks, models, routing, training
+from modkd_jax import data, loop, masks, models, routing, training
+from modkd_jax.data import batching
 from modkd_jax.methods import experts as X
+from modkd_jax.methods import mind
+
+
+def _digits(task_count=2):
+    return data.build("class_split", data.load("digits"), task_count, seed=0, val_fraction=0.1)
 
 
 def test_specialization_entropy_on_hand_made_routing_statistics():
@@ -73,33 +81,67 @@ def test_routing_is_permutation_equivariant_over_experts():
     assert np.all(np.argmax(w, 1) == base)
 
 
-def test_reused_experts_train_as_a_soft_top_k_mixture_and_keep_their_tasks():
+@pytest.fixture(scope="module")
+def reused():
+    """Two tasks on new experts, then task 2 forced to reuse both (permissive thresholds): ``(ex, before, state)``."""
     sc = _digits(5)
-    cfg = X.ExpertsConfig(hidden=(16, 16), epochs=5, batch_size=32, prototypes=4, embed_dim=16, allocation="new")
+    cfg = X.ExpertsConfig(hidden=(16, 16), epochs=5, batch_size=32, prototypes=4, embed_dim=16, reuse_threshold=0.0,
+                          max_entropy=10.0)
     ex = X.setup(cfg, sc)
     state = X.init_state(ex, jax.random.key(0))
-    tests = [t.test for t in sc.tasks]
+    new_only = dataclasses.replace(ex, cfg=dataclasses.replace(cfg, allocation="new"))
     for t in range(2):
-        state, info = X.learn_task(ex, state, t, jax.random.key(t + 1), progress=False)
+        state, info = X.learn_task(new_only, state, t, jax.random.key(t + 1))
         assert info["decision"] == "new" and info["experts"] == [t]
-    before = X.evaluate(ex, state, tests, seen=2)["til"][:2]
-    pool_before = jax.tree.map(np.asarray, state["params"])
-    # permissive thresholds: task 2 must reuse both experts (top_k = 2), mixed by soft top-k, with LwF
-    ex = dataclasses.replace(ex, cfg=dataclasses.replace(cfg, allocation="entropy", reuse_threshold=0.0,
-                                                         max_entropy=10.0))
-    state, info = X.learn_task(ex, state, 2, jax.random.key(3), progress=False)
+    before = state
+    state, info = X.learn_task(ex, jax.tree.map(jnp.copy, state), 2, jax.random.key(3))
     assert info["decision"] == "reuse" and sorted(info["experts"]) == [0, 1]
+    return ex, before, state
+
+
+def test_reused_experts_train_as_a_soft_top_k_mixture_and_keep_their_tasks(reused):
+    ex, before_state, state = reused
+    tests = [t.test for t in ex.scenario.tasks]
+    before = X.evaluate(ex, before_state, tests, seen=2)
     after = X.evaluate(ex, state, tests, seen=3)
+    assert np.isnan(before["til"][2:]).all() and np.isnan(after["cil"][3:]).all()  # unseen tasks: no accuracy
     assert np.asarray(state["router"]["membership"])[:, 2].sum() == 2 and after["activated"][2] > 1.5
     assert after["til"][2] > 0.8
-    assert np.all(after["til"][:2] >= before - 0.1)  # distillation keeps the reused experts' earlier tasks
-    for old, new in zip(jax.tree.leaves(pool_before), jax.tree.leaves(state["params"])):
-        assert not np.array_equal(old[:2], np.asarray(new)[:2])  # both reused experts trained
-        np.testing.assert_array_equal(old[2:], np.asarray(new)[2:])  # the idle ones untouched
+    # routing statistics: every held-out input counts once (split by soft top-k weight between shared experts)
+    sizes = [len(X.stats_split(ex, ex.scenario.tasks[j])) for j in range(3)]
+    np.testing.assert_allclose(np.asarray(state["counts"]).sum(0), sizes + [0, 0], rtol=1e-5)
+    assert np.all(after["til"][:2] >= before["til"][:2] - 0.1)  # distillation keeps the reused experts' tasks
+    for old, new in zip(jax.tree.leaves(before_state["params"]), jax.tree.leaves(state["params"])):
+        assert not np.array_equal(np.asarray(old)[:2], np.asarray(new)[:2])  # both reused experts trained
+        np.testing.assert_array_equal(np.asarray(old)[2:], np.asarray(new)[2:])  # the idle ones untouched
 
 
-def _digits(task_count=2):
-    return data.build("class_split", data.load("digits"), task_count, seed=0, val_fraction=0.1)
+def test_the_dense_evaluator_equals_running_only_the_chosen_experts(reused):
+    """One compiled call runs every expert; it must count what routing to (and mixing) only the chosen ones gives."""
+    ex, _, state = reused
+    k, cfg, router = ex.block_size, ex.cfg, state["router"]
+    membership = np.asarray(router["membership"])
+    pool = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    mean, std = (jnp.asarray(a, jnp.float32) for a in ex.scenario.norm)
+
+    def predict(x, task):  # task's own experts only, on its batch-norm rows and class block
+        slots = np.flatnonzero(membership[:, task])
+        emb = X.embed(router["projection"], x)
+        w = X.task_weights(router, emb, task, cfg.top_k, cfg.route_temperature)[:, slots]
+        z = jnp.stack([training.block(ex.model.apply(X.take(pool, s), batching.to_float(x, mean, std), task),
+                                      task, k) for s in slots])
+        return np.asarray(jnp.argmax(X.mix(z, w), -1))
+
+    got = X.evaluate(ex, state, [t.test for t in ex.scenario.tasks], seen=3)
+    for j in range(3):
+        x, y = ex.scenario.tasks[j].test.x, ex.scenario.tasks[j].test.y
+        expert, task = (np.asarray(a) for a in X.route(router, X.embed(router["projection"], x)))
+        cil = [task[i] == j and predict(x[i:i + 1], int(task[i]))[0] == y[i] for i in range(len(y))]
+        assert got["til"][j] == pytest.approx(np.mean(predict(x, j) == y))
+        assert got["cil"][j] == pytest.approx(np.mean(cil))
+        assert got["routing"][j] == pytest.approx(np.mean(membership[expert, j]))
+        assert got["task_id"][j] == pytest.approx(np.mean(task == j))
+        assert got["activated"][j] == pytest.approx(np.mean(membership[:, task].sum(0)))
 
 
 def test_knowledge_transfer_copies_exactly_the_selected_parameters():
@@ -149,15 +191,37 @@ def test_preserve_keeps_the_old_task_while_learning_the_next():
     params, bs = models.init(old, jax.random.key(0), sc.input_shape)
     tx = training.make_optimizer("adam", 0.005)
     full = masks.full_mask(params)
-    params, bs, _ = training.run_phase(
-        training.make_train_step(training.StepSpec(old.apply, 5, mean, std), tx), (params, bs, tx.init(params)),
-        sc.tasks[0].train, epochs=8, batch_size=32, base_lr=0.005, milestone=1.0, key=jax.random.key(1), task=0,
-        fwd_mask=full, trn_mask=full, progress=False)
+    step = training.make_step(mind.make_loss(old.apply, 5), tx, training.augmenting(mean, std))
+    params, bs, _ = training.run_phase(step, (params, bs, tx.init(params)), sc.tasks[0].train,
+                                       mind.Context(jnp.int32(0), full, full), training.Phase(8, 32, 0.005),
+                                       jax.random.key(1))
     info = X.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="copy", keep=1.0,
                       epochs=8, batch_size=32, lr=0.005)
     assert info["old_acc"] > 0.9 and info["new_task_acc"] > 0.9
     assert info["transferred_acc"] == info["old_acc"]  # an exact copy computes the old task as before
     assert info["retained_acc"] == info["transferred_acc"]  # frozen and isolated while task 1 is learnt
+    d = X.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="distill", keep=0.5,
+                   epochs=4, batch_size=32, lr=0.005)
+    assert d["retained_acc"] == d["transferred_acc"] > 0.6  # distilled without old data, then isolated
+
+
+def test_learner_resumes_after_a_stop_with_the_same_numbers(tmp_path):
+    """Through the one loop: one checkpoint per task, resumed == uninterrupted (a reused expert in the state)."""
+    sc = _digits(5)
+    cfg = X.preset_config("digits", epochs=1, max_experts=2, reuse_threshold=0.0, max_entropy=10.0)
+    learner = X.learner(cfg, sc)
+    whole = loop.run(learner, {"seed": 0}, None, echo=None)
+    loop.run(learner, {"seed": 0}, tmp_path, stop_after=3, echo=None)
+    res = loop.run(learner, {"seed": 0}, tmp_path, echo=None)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5]
+    assert [i["decision"] for i in res["task_infos"]] == ["new"] + ["reuse"] * 4
+    for rule in X.RULES:
+        np.testing.assert_array_equal(np.asarray(res["accuracy_matrix"][rule], float), whole["accuracy_matrix"][rule])
+    untimed = lambda infos: [{k: v for k, v in i.items() if k != "seconds"} for i in infos]  # noqa: E731
+    assert untimed(res["task_infos"]) == untimed(whole["task_infos"])
+    assert set(res["flops"]) == {"til", "expert_forward", "router", "xla_expert_forward"}
+    assert res["params"] == X.pool_params(cfg, sc)
+    assert res["params"]["experts"] == 2 * X.mlp_params((32, 32), 10, 5, sc.input_shape)  # max_experts
 
 
 def test_cli_end_to_end_on_digits(tmp_path, capsys):
@@ -166,8 +230,11 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Welch t-test experts vs monolithic" in out and "Welch t-test experts vs mind" in out
-    for name in ("config.json", "metrics.jsonl", "results.json", "accuracy_matrices.png", "specialization.png"):
+    for name in ("config.json", "results.json", "accuracy_matrices.png", "specialization.png"):
         assert (run / name).is_file(), name
+    for unit in ("experts_s0", "experts_s1", "monolithic_s0", "monolithic_s1", "mind_s0", "mind_s1"):
+        for name in ("config.json", "metrics.jsonl", "results.json"):
+            assert (run / unit / name).is_file(), (unit, name)
     res = json.loads((run / "results.json").read_text())
     agg = res["aggregate"]
     assert set(agg) == {"experts", "monolithic", "mind"}
@@ -179,17 +246,20 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
     assert abs(p["mind"] - p["experts"]) / p["experts"] < 0.1
     flops = {m: agg[m]["flops_cil"]["mean"] for m in agg}
     assert flops["experts"] < flops["monolithic"] < flops["mind"]
-    unit = res["units"]["experts_s0"]
+    unit = json.loads((run / "experts_s0" / "results.json").read_text())
     assert unit["flops"]["xla_expert_forward"] == pytest.approx(unit["flops"]["expert_forward"], rel=0.1)
     # one expert per task here; new experts leave earlier ones untouched: no task-incremental forgetting
     assert np.asarray(unit["membership"]).sum() == 5 and agg["experts"]["til_forgetting"]["mean"] == 0.0
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summaries = [ln for ln in lines if ln["method"] == "experts" and ln["phase"] == "summary"]
-    assert len(summaries) == 10 and all(len(ln["specialization"]) == 5 for ln in summaries)
-    # re-running the same command finishes at once from the saved units, same numbers
+    lines = [json.loads(line) for line in (run / "experts_s0" / "metrics.jsonl").read_text().splitlines()]
+    summaries = [ln for ln in lines if ln["phase"] == "summary"]
+    assert len(summaries) == 5 and all(len(ln["specialization"]) == 5 for ln in summaries)
+    # killed between tasks 4 and 5 of one unit: re-running the command resumes it, same numbers
+    shutil.rmtree(run / "experts_s1" / "checkpoints" / "5")
+    (run / "experts_s1" / "results.json").unlink()
     assert cli.main(argv) == 0
+    assert "resuming" in capsys.readouterr().out
     again = json.loads((run / "results.json").read_text())
-    assert again["aggregate"]["experts"]["cil_acc"] == agg["experts"]["cil_acc"]
+    assert again["aggregate"] == agg
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -197,5 +267,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["--dataset", "digits", "--task_count", "3", "--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "divide" in err and err.count("\n") == 0 and not workdir.exists()
-    assert cli.main(["--dataset", "digits", "--keep", "0", "--workdir", str(workdir)]) == 2
-    assert "--keep" in capsys.readouterr().err
+    for argv, word in ((["--keep", "0"], "keep"), (["--top_k", "0"], "top_k"), (["--dataset", "cifar10"], "supports")):
+        assert cli.main(["--dataset", "digits", *argv, "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and err.count("\n") == 0 and not workdir.exists()

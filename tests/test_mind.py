@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import mind as cli
+from experiments.common import build_scenario
 from modkd_jax import checkpoint, masks, models
 from modkd_jax.methods import mind
 
@@ -93,7 +94,7 @@ def test_workdir_with_other_config_and_corrupt_checkpoint(tmp_path, capsys):
 
 def test_exported_subnetwork_predicts_like_the_run(tmp_path):
     cfg = _cfg(TINY + ["--task_count", "2", "--epochs", "2", "--distill_epochs", "2"])
-    scenario = cli.build_scenario(cfg)
+    scenario = build_scenario(cfg)
     method = mind.setup(cli.mind_config(cfg), scenario)
     state = mind.init_state(method, jax.random.key(0))
     for t in range(2):
@@ -162,8 +163,11 @@ def _distill_metric(cfg: mind.MindConfig, scenario, x, y):
                              xf, 1, train=True, mutable=["batch_stats"])
     z_s = z_s[:, m.block_size:2 * m.block_size]
     z_t = m.teacher.apply(teacher_vars, xf, 0, train=False)
-    carry = (state["params"], state["batch_stats"], m.steps["tx_distill"].init(state["params"]))
-    _, metrics = m.steps["distill"](carry, x, y, jax.random.key(4), jnp.int32(1), fwd, trn, teacher_vars)
+    carry = (state["params"], state["batch_stats"], m.txs["distill"].init(state["params"]))
+    from modkd_jax import training
+
+    _, metrics = m.steps["distill"](carry, training.Batch(x, y), jax.random.key(4),
+                                    mind.Context(jnp.int32(1), fwd, trn, teacher_vars))
     return float(metrics["distill"]), np.asarray(z_t, np.float64), np.asarray(z_s, np.float64)
 
 
@@ -180,7 +184,7 @@ def _symkl(zt, zs, T):
 
 def test_distillation_step_uses_the_paper_loss_and_its_own_temperature_never_tau():
     cfg = _cfg(TINY + ["--task_count", "2"])
-    scenario = cli.build_scenario(cfg)
+    scenario = build_scenario(cfg)
     task = scenario.tasks[1]
     x, y = task.train.x[:32], task.train.y[:32]
     base = cli.mind_config(cfg)
@@ -221,18 +225,18 @@ def test_config_and_results_record_the_losses_and_temperatures(tmp_path):
 
 
 def test_tau_is_chosen_on_validation_splits_only(monkeypatch):
-    from modkd_jax import training
+    from modkd_jax import evaluation
 
     cfg = _cfg(["--dataset", "digits", "--task_count", "2", "--epochs", "1", "--distill_epochs", "1"])
-    scenario = cli.build_scenario(cfg)
+    scenario = build_scenario(cfg)
     seen_splits = []
-    real = training.choose_tau
+    real = evaluation.choose_tau
 
-    def spy(tau_eval, params, batch_stats, owner, splits, *args):
+    def spy(tau_counts, args, splits, *rest):
         seen_splits.append(splits)
-        return real(tau_eval, params, batch_stats, owner, splits, *args)
+        return real(tau_counts, args, splits, *rest)
 
-    monkeypatch.setattr(training, "choose_tau", spy)
+    monkeypatch.setattr(evaluation, "choose_tau", spy)
     import dataclasses
 
     from modkd_jax.data.scenarios import Split
@@ -251,16 +255,16 @@ def test_tau_is_chosen_on_validation_splits_only(monkeypatch):
 def test_choose_tau_picks_the_best_and_breaks_ties_towards_one():
     import jax.numpy as jnp
 
-    from modkd_jax import training
+    from modkd_jax import evaluation
     from modkd_jax.data.scenarios import Split
 
     split = Split(np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32))
     grid = (0.5, 1.0, 2.0, 4.0)
-    by_tau = lambda counts: lambda *args: jnp.asarray(counts)[: len(args[-1])]  # noqa: E731
-    assert training.choose_tau(by_tau([1, 3, 9, 2]), None, None, None, [split], 1, 10, grid)[0] == 2.0
-    tau, acc = training.choose_tau(by_tau([5, 5, 5, 5]), None, None, None, [split], 1, 10, grid)
+    by_tau = lambda counts: lambda *args: {"cil": jnp.asarray(counts)[: len(args[-1])]}  # noqa: E731
+    assert evaluation.choose_tau(by_tau([1, 3, 9, 2]), (), [split], 1, 10, grid)[0] == 2.0
+    tau, acc = evaluation.choose_tau(by_tau([5, 5, 5, 5]), (), [split], 1, 10, grid)
     assert tau == 1.0 and acc == {0.5: 0.5, 1.0: 0.5, 2.0: 0.5, 4.0: 0.5}
-    assert training.choose_tau(by_tau([7, 2, 2, 7]), None, None, None, [split], 1, 10, grid)[0] == 0.5
+    assert evaluation.choose_tau(by_tau([7, 2, 2, 7]), (), [split], 1, 10, grid)[0] == 0.5
 
 
 def test_auto_temperature_without_validation_data_is_a_usage_error(tmp_path, capsys):
@@ -281,14 +285,14 @@ def test_paper_protocol_config_on_mock_cifar100():
     assert (m["beta"], m["distill_loss"], m["distill_temperature"], m["temperature"]) == (5.0, "symkl", 1.0, 6.5)
     assert m["crop_flip"] and m["brightness"] == 63 / 255 and m["drop_last"] is False
     with tfds.testing.mock_data(num_examples=300):
-        scenario = cli.build_scenario(cfg)
+        scenario = build_scenario(cfg)
         train = sum(len(t.train.y) for t in scenario.tasks)
     assert train == 300 and all(len(t.val.y) == 0 for t in scenario.tasks)  # whole training split, no validation
 
 
 def test_copy_bn_row_starts_a_task_where_the_previous_one_ended():
     cfg = _cfg(TINY + ["--task_count", "2", "--arch", "resnet32"])
-    m = mind.setup(cli.mind_config(cfg), cli.build_scenario(cfg))
+    m = mind.setup(cli.mind_config(cfg), build_scenario(cfg))
     state = mind.init_state(m, jax.random.key(0))
     bump = lambda x: x + jax.random.uniform(jax.random.key(1), x.shape)  # noqa: E731
     params = jax.tree.map(lambda p, kind: bump(p) if kind == masks.PER_TASK else p, state["params"], m.kinds)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from modkd_jax import masks, models, training
+from modkd_jax.methods import mind
 
 
 def test_parameter_counts_match_the_design():
@@ -45,9 +46,9 @@ def _isolation(arch, input_shape, hidden=None):
     params, stats = models.init(model, jax.random.key(0), input_shape)
     kinds = models.leaf_kinds(params)
     owner = masks.init_owners(params, kinds, (k,) * T)
-    spec = training.StepSpec(model.apply, block_size=k, mean=(0.5,) * input_shape[-1], std=(0.25,) * input_shape[-1])
+    mean, std = (0.5,) * input_shape[-1], (0.25,) * input_shape[-1]
     tx = training.make_optimizer("sgd", 0.05, weight_decay=1e-3)  # momentum + decay: the leaky case
-    step = training.make_train_step(spec, tx)
+    step = training.make_step(mind.make_loss(model.apply, k), tx, training.augmenting(mean, std))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (8, *input_shape), dtype=np.uint8)
     y = rng.integers(0, k, (8,)).astype(np.int32)
@@ -55,15 +56,15 @@ def _isolation(arch, input_shape, hidden=None):
     def train(params, stats, owner, t, n):
         carry = (params, stats, tx.init(params))
         for i in range(n):
-            carry, _ = step(carry, x, y, jax.random.key(i), jnp.int32(t),
-                            masks.forward_mask(owner, t), masks.trainable_mask(owner, t), None)
+            carry, _ = step(carry, training.Batch(x, y), jax.random.key(i),
+                            mind.Context(jnp.int32(t), masks.forward_mask(owner, t), masks.trainable_mask(owner, t)))
         return carry[0], carry[1]
 
     owner = masks.assign(owner, kinds, 0, T, key=jax.random.key(10))
     params, stats = train(params, stats, owner, 0, 3)
     evaluate = jax.jit(lambda p, s, o: model.apply({"params": masks.gate(p, masks.forward_mask(o, 0)),
                                                     "batch_stats": s}, training.batching.to_float(
-        x, jnp.asarray(spec.mean), jnp.asarray(spec.std)), 0))
+        x, jnp.asarray(mean), jnp.asarray(std)), 0))
     before = np.asarray(evaluate(params, stats, owner))
     p0, s0 = jax.tree.map(np.array, params), jax.tree.map(np.array, stats)  # the step donates its inputs
     owner = masks.assign(owner, kinds, 1, T, key=jax.random.key(11))
@@ -203,3 +204,65 @@ def test_materialize_leaves_the_resnet_step_unchanged():
     np.testing.assert_array_equal(l_on, l_off)
     for a, b in zip(jax.tree.leaves((s_on, g_on)), jax.tree.leaves((s_off, g_off))):
         np.testing.assert_array_equal(a, b)
+
+
+# --- one ResNet for the split backbone: stems, per-task kernels, weighted / frozen / shared batch norm ---
+
+
+def test_resnet18_stems_share_imagenet_parameters_and_set_the_resolution():
+    """The three 7x7 stems have ImageNet's tree; 32 px inputs reach stage 0 at 8 / 16 / 32 px (cifar: 32)."""
+    x = jnp.zeros((1, 32, 32, 3))
+    trees = {}
+    for stem, side in (("imagenet", 8), ("no_pool", 16), ("stride1", 32), ("cifar", 32)):
+        model = resnet.resnet18(10, stem=stem)
+        params, stats = models.init(model, jax.random.key(0), (32, 32, 3))
+        _, inter = model.apply({"params": params, "batch_stats": stats}, x, capture_intermediates=True,
+                               mutable=["intermediates"])
+        assert inter["intermediates"]["stage0_block0"]["__call__"][0].shape == (1, side, side, 64), stem
+        trees[stem] = jax.tree.map(lambda a: a.shape, params)
+    assert trees["imagenet"] == trees["no_pool"] == trees["stride1"] != trees["cifar"]
+    with pytest.raises(ValueError, match="unknown stem"):
+        resnet.resnet18(10, stem="tiny")
+
+
+def test_per_task_conv_kernels_select_their_row_and_train_only_it():
+    conv = layers.Conv(4, (3, 3), 1, padding=1, num_tasks=3)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+    params = conv.init(jax.random.key(1), x, 0)["params"]
+    k = params["kernel"]
+    assert k.shape == (3, 3, 3, 5, 4) and not np.array_equal(k[0], k[1])  # independent rows
+    for t in range(3):
+        np.testing.assert_array_equal(conv.apply({"params": params}, x, t), layers.conv2d(x, k[t], 1, 1))
+    g = jax.grad(lambda p: jnp.sum(conv.apply({"params": p}, x, jnp.int32(2)) ** 2))(params)["kernel"]
+    assert np.all(g[:2] == 0) and np.any(g[2] != 0)
+
+
+def test_auto_lowering_uses_patches_on_small_maps_only():
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+    for side, impl in ((4, "patches"), (8, "xla")):
+        x = jax.random.normal(jax.random.key(0), (2, side, side, 4))
+        np.testing.assert_array_equal(layers.conv2d(x, w, 1, 1, "auto"), layers.conv2d(x, w, 1, 1, impl))
+
+
+def test_task_batch_norm_weights_rows_and_frozen_mode():
+    x = jax.random.normal(jax.random.key(0), (8, 3, 3, 4)) * 2 + 1
+    w = jnp.array([1, 1, 0, 1, 0, 0, 1, 1], jnp.float32)
+    bn = layers.TaskBatchNorm(3, param_rows=1)
+    v = bn.init(jax.random.key(0), x, 0, False)
+    assert v["params"]["scale"].shape == (1, 4) and v["batch_stats"]["mean"].shape == (3, 4)
+    # weighted statistics are those of the weighted examples alone (output and running statistics)
+    y_w, s_w = bn.apply(v, x, 2, True, w, mutable=["batch_stats"])
+    y_s, s_s = bn.apply(v, x[w > 0], 2, True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_w[w > 0], y_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s_w["batch_stats"]["var"], s_s["batch_stats"]["var"], rtol=1e-5)
+    moved = np.any(np.asarray(s_w["batch_stats"]["mean"]) != np.asarray(v["batch_stats"]["mean"]), axis=1)
+    np.testing.assert_array_equal(moved, [False, False, True])
+    # no weighted example: the statistics stay bit-identical
+    _, s0 = bn.apply(v, x, 1, True, jnp.zeros(8), mutable=["batch_stats"])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(v["batch_stats"])))
+    # frozen: running statistics in training too, and they never move
+    frozen = layers.TaskBatchNorm(1, use_running_average=True)
+    vf = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a[:1] + 0.5, v["batch_stats"])}
+    y_t, s_t = frozen.apply(vf, x, 0, True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y_t, frozen.apply(vf, x, 0, False))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s_t), jax.tree.leaves(vf["batch_stats"])))

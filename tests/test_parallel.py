@@ -62,7 +62,7 @@ def test_data_parallel_on_one_device_is_the_plain_step():
         g = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
         return w - 0.1 * g, jnp.mean(x)
 
-    wrapped = parallel.data_parallel(step, mesh, donate_argnums=())
+    wrapped = parallel.data_parallel(step, mesh, batch_argnums=(1, 2), donate_argnums=())
     x, y, w = np.ones((4, 3), np.float32), np.ones((4,), np.float32), jnp.zeros(3)
     for _ in range(2):
         got, _ = wrapped(w, x, y)

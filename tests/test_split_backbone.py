@@ -1,6 +1,7 @@
 """Split ResNet-18 for online CL: budget resolution, bit-exact freezing and task isolation, conversion, settings."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import ocl
-from modkd_jax import data, models
+from modkd_jax import data, loop, models
 from modkd_jax.methods import split_backbone as sb
 from modkd_jax.models import convert
 
@@ -28,6 +29,13 @@ def _same(a, b) -> bool:
 def _batch(seed, n=BATCH, classes=CLASSES):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), rng.integers(0, classes, n).astype(np.int32)
+
+
+def _train(step, gate, carry, x, y, task):
+    """One step of ``training.make_step``'s split-backbone step on a full batch, gated by ``make_gate``."""
+    valid = np.ones(len(y), bool)
+    return step(carry, sb.StreamBatch(x, y, jnp.asarray(task, jnp.int32), valid), jax.random.key(0),
+                gate(carry[0], task, valid))
 
 
 # ----------------------------------------------------------------------------- budget
@@ -63,28 +71,70 @@ def test_bad_budgets_are_rejected(bad):
         sb.resolve_budget(bad, sb.layers_for(10))
 
 
-# ----------------------------------------------------------------------------- forward pass
+# ----------------------------------------------------------------------------- the one ResNet
 
 
-def test_forward_matches_the_flax_resnet18():
-    """Eval mode equals models.resnet18 (ImageNet stem); with nothing frozen, train mode too."""
-    model = sb.reference_model(CLASSES)
+def _view(net, params, stats, task):
+    """Task ``task``'s rows of the task group (params, stats) and its shared-layer statistics, by path."""
+    p, s = sb.backbone_of(net, params, stats, task)
+    return sb.by_group(net, p)["task"], sb.by_group(net, s)["task"], sb.by_group(net, s)["shared"]
+
+
+def test_split_tree_is_the_resnet_tree_with_task_rows():
+    """build's tree is what net.model initialises; frozen: one row, shared: per-task statistics, task: rows."""
+    net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, 4, 7), jax.random.key(0), input_shape=SHAPE)
+    want = jax.eval_shape(lambda: net.model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), 0, False))
+    assert jax.tree.map(lambda a: a.shape, {"params": params, "batch_stats": stats}) == \
+        jax.tree.map(lambda a: a.shape, dict(want))
+    assert params["stage3_block0"]["conv2"]["kernel"].shape == (3, 3, 512, 512)  # frozen
+    assert stats["stage3_block0"]["bn2"]["mean"].shape == (1, 512)
+    assert params["stage3_block1"]["conv1"]["kernel"].shape == (3, 3, 512, 512)  # shared
+    assert params["stage3_block1"]["bn1"]["scale"].shape == (1, 512) and stats["stage3_block1"]["bn1"]["var"].shape \
+        == (3, 512)
+    assert params["stage3_block1"]["conv2"]["kernel"].shape == (3, 3, 3, 512, 512)  # task rows
+    assert params["classifier"]["kernel"].shape == (512, 3 * CLASSES)  # one class block per task
+    sizes = {g: sum(a.size for a in leaves.values()) for g, leaves in sb.by_group(net, params).items()}
+    assert sizes == {"frozen": net.sizes()["frozen"], "shared": net.sizes()["shared"],
+                     "task": 3 * net.sizes()["task"]}
+
+
+def test_each_task_computes_the_plain_resnet18_of_its_rows():
+    """Task t's logits (eval, and train with nothing frozen) equal models.resnet18 on ``backbone_of(t)``."""
     params, stats = sb.random_init(CLASSES, jax.random.key(0), SHAPE)
-    stats = jax.tree.map(lambda a: a + 0.2 * jax.random.uniform(jax.random.key(1), a.shape), stats)
-    x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
     layers = sb.layer_list(params)
-    groups = ("shared",) * (len(layers) - 3) + ("task",) * 3
-    net, gp, gs = sb.build(groups, (CLASSES,), jax.random.key(3), init=(params, stats), stem_mode="imagenet")
-    head = {"kernel": params["classifier"]["kernel"][None], "bias": params["classifier"]["bias"][None]}
-    gp["task"]["head"] = head  # build re-initialises heads; use the model's for the comparison
-    for train in (False, True):
-        want = jax.jit(lambda v, x: model.apply(v, x, 0, train=train, mutable=["batch_stats"])[0])(
-            {"params": params, "batch_stats": stats}, x)
-        got = jax.jit(lambda p, s, x: sb.forward(net, p, s, x, 0, train=train))(gp, gs, x)
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
-    # the backbone tree round-trips through the per-layer layout
-    p2, s2 = sb.backbone_of(net, gp, gs, 0)
-    assert _same(p2, params) and _same(s2, stats)
+    x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
+    for groups in (sb.resolve_budget("6.5-2.3-2.4", layers), ("shared",) * (len(layers) - 3) + ("task",) * 3):
+        net, gp, gs = sb.build(groups, (CLASSES, 6), jax.random.key(3), init=(params, stats), stem_mode="no_pool")
+        noise = lambda t, k: jax.tree.map(  # noqa: E731  (rows differ, so picking the wrong one shows)
+            lambda a: a + 0.2 * jax.random.uniform(jax.random.key(k), a.shape), t)
+        gp, gs = noise(gp, 4), jax.tree.map(jnp.abs, noise(gs, 5))
+        ref = models.resnet18(CLASSES, stem="no_pool")
+        trains = (False,) if "frozen" in groups else (False, True)
+        for t, train in ((t, train) for t in range(2) for train in trains):
+            p, s = sb.backbone_of(net, gp, gs, t)
+            want = ref.apply({"params": p, "batch_stats": s}, x, 0, train=train, mutable=["batch_stats"])[0]
+            got = jax.jit(lambda p, s, x: sb.forward(net, p, s, x, t, train=train))(gp, gs, x)
+            valid = np.arange(CLASSES) < net.block_sizes[t]
+            np.testing.assert_allclose(got[:, valid], want[:, valid], rtol=1e-4, atol=1e-4)
+            assert np.all(np.asarray(got[:, ~valid]) < -1e8)  # the classes task 1 lacks are masked
+    # the plain tree round-trips: every task starts from the init weights and statistics
+    net, gp, gs = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(3), init=(params, stats))
+    for t in range(2):
+        p, s = sb.backbone_of(net, gp, gs, t)
+        assert _same({k: v for k, v in p.items() if k != "classifier"},
+                     {k: v for k, v in params.items() if k != "classifier"}) and _same(s, stats)
+
+
+def test_frozen_layers_normalise_with_their_running_statistics_in_training():
+    """With every layer but the head frozen, a training forward equals the eval one and moves no statistic."""
+    layers = sb.layers_for(CLASSES)
+    net, params, stats = sb.build(("frozen",) * (len(layers) - 1) + ("task",), (CLASSES,), jax.random.key(0),
+                                  input_shape=SHAPE)
+    stats = jax.tree.map(lambda a: a + 0.3, stats)
+    x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
+    train, new = sb.apply(net, params, stats, x, 0, True)
+    np.testing.assert_array_equal(train, sb.apply(net, params, stats, x, 0, False)[0])
+    assert _same(new, stats)
 
 
 # ----------------------------------------------------------------------------- freezing and isolation
@@ -95,15 +145,15 @@ def two_tasks():
     """Train task 0 then task 1 (optimizer state carried over: momentum could leak); snapshots of every stage."""
     net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), stem_mode="imagenet",
                                   input_shape=SHAPE)
-    tx = sb.make_optimizer(lr_shared=1e-3, lr_task=1e-2, optimizer="sgd", momentum=0.9)
-    step = sb.make_train_step(net, tx)
+    tx = sb.make_optimizer(net, lr_shared=1e-3, lr_task=1e-2, optimizer="sgd", momentum=0.9)
+    step, gate = sb.make_train_step(net, tx), sb.make_gate(net)
     snap = lambda p, s: (jax.device_get(p), jax.device_get(s))  # noqa: E731
     start = snap(params, stats)
     carry = (params, stats, tx.init(params))
     for task in (0, 1):
         for i in range(3):
             x, y = _batch(10 * task + i)
-            carry, m = step(carry, x, y, jnp.int32(task), np.ones(len(y), bool))
+            carry, m = _train(step, gate, carry, x, y, task)
             assert np.isfinite(float(m["loss"]))
         if task == 0:
             after0 = snap(*carry[:2])
@@ -111,23 +161,23 @@ def two_tasks():
 
 
 def test_frozen_group_is_unchanged_bit_for_bit(two_tasks):
-    _, start, after0, after1 = two_tasks
+    net, start, after0, after1 = two_tasks
+    group = lambda tree, g: sb.by_group(net, tree)[g]  # noqa: E731
+    assert len(group(start[0], "frozen")) == 18 * 3  # 18 layers: a kernel, BN scale and bias each
     for p, s in (after0, after1):
-        assert _same(p["frozen"], start[0]["frozen"]) and _same(s["frozen"], start[1]["frozen"])
-    assert not _same(after1[0]["shared"], after0[0]["shared"])  # the shared group does train
-    assert not _same(after1[1]["shared"], after0[1]["shared"])  # ... and its BN statistics move
+        assert _same(group(p, "frozen"), group(start[0], "frozen"))
+        assert _same(group(s, "frozen"), group(start[1], "frozen"))
+    assert not _same(group(after1[0], "shared"), group(after0[0], "shared"))  # the shared group does train
+    assert not _same(group(after1[1], "shared"), group(after0[1], "shared"))  # ... and its BN statistics move
 
 
 def test_task_copy_of_task_0_is_unchanged_while_task_1_trains(two_tasks):
-    _, start, after0, after1 = two_tasks
-    row = lambda tree, t: jax.tree.map(lambda a: a[t], tree)  # noqa: E731
-    assert not _same(row(after0[0]["task"], 0), row(start[0]["task"], 0))  # task 0 trained its copy
-    assert _same(row(after0[0]["task"], 1), row(start[0]["task"], 1))  # ... and left copy 1 alone
-    assert _same(row(after1[0]["task"], 0), row(after0[0]["task"], 0))  # params of copy 0 exact
-    assert _same(row(after1[1]["task"], 0), row(after0[1]["task"], 0))  # BN statistics of copy 0 exact
-    assert _same(row(after1[1]["shared"], 0), row(after0[1]["shared"], 0))  # task 0's shared-layer statistics
-    assert not _same(row(after1[1]["shared"], 1), row(after0[1]["shared"], 1))
-    assert not _same(row(after1[0]["task"], 1), row(after0[0]["task"], 1))
+    net, start, after0, after1 = two_tasks
+    v, v0, v1 = ((lambda t, s=snap: _view(net, *s, t)) for snap in (start, after0, after1))
+    assert not _same(v0(0)[0], v(0)[0])  # task 0 trained its rows and head block
+    assert _same(v0(1), v(1))  # ... and left task 1's rows, statistics and shared-layer statistics alone
+    assert _same(v1(0), v0(0))  # task 1 leaves task 0's params, BN statistics, shared-layer statistics exact
+    assert not _same(v1(1)[0], v0(1)[0]) and not _same(v1(1)[1], v0(1)[1]) and not _same(v1(1)[2], v0(1)[2])
 
 
 # ----------------------------------------------------------------------------- Setting 2
@@ -145,40 +195,79 @@ def _scenario(n_train=48, n_test=BATCH):
     return data.dataset_sequence(sets, shape=SHAPE, val_fraction=0.0)
 
 
+def _online(scenario, eval_batch=BATCH):
+    cfg = sb.OCLConfig(split="6.5-2.3-2.4", batch_size=BATCH, stem_mode="imagenet", eval_batch=eval_batch)
+    return sb.setup(cfg, scenario)
+
+
+def test_setting1_learner_through_the_loop_isolates_tasks_and_counts_every_rule():
+    """The Learner: one pass per task (last batch padded), every rule's row, task 0 kept while task 1 trains."""
+    scenario = _scenario(n_train=40)
+    m = _online(scenario)
+    learner = sb.learner(m.cfg, scenario)
+    assert learner.rules == sb.RULES and learner.tasks == ("dark", "bright")
+    state = learner.init_state(jax.random.key(0))
+    start = jax.device_get(state)
+    state, info0 = learner.learn_task(state, 0, jax.random.key(1))
+    after0 = jax.device_get(state)
+    assert info0["steps"] == 2 and info0["examples"] == 40  # 40 examples: 32 + 8 (padded to 32)
+    state, info1 = learner.learn_task(state, 1, jax.random.key(2))
+    after1 = jax.device_get(state)
+    frozen = lambda s: sb.by_group(m.net, s["params"])["frozen"]  # noqa: E731
+    assert _same(frozen(after1), frozen(start))
+    view = lambda s, t: _view(m.net, s["params"], s["batch_stats"], t)  # noqa: E731
+    assert _same(view(after0, 1), view(start, 1)) and _same(view(after1, 0), view(after0, 0))
+    rows = learner.evaluate(state, 2)
+    assert tuple(rows) == sb.RULES and all(r.shape == (2,) for r in rows.values())
+    # the counts through evaluation.accuracies (padded batches of 7) are the model's own argmax on each split
+    # (to within one example: other batch shapes may round a near tie the other way)
+    n = len(scenario.tasks[0].test.y)
+    padded = sb.evaluate(_online(scenario, eval_batch=7), state, 2)
+    for rule in sb.RULES:
+        np.testing.assert_allclose(padded[rule], rows[rule], atol=1.01 / n, err_msg=rule)
+    mean, std = np.asarray(m.net.mean), np.asarray(m.net.std)
+    for t, task in enumerate(scenario.tasks):
+        xf = (task.test.x / 255.0 - mean) / std
+        z = sb.forward(m.net, state["params"], state["batch_stats"], jnp.asarray(xf, jnp.float32), t)
+        assert abs(rows["til"][t] - np.mean(np.argmax(np.asarray(z), -1) == task.test.y)) <= 1.01 / n
+    res = loop.run(learner, {"seed": 0}, None, echo=None)
+    assert res["groups"]["frozen"]["params"] == m.net.sizes()["frozen"] and res["split"] == "6.5-2.3-2.4"
+    R = {r: np.asarray(v, float) for r, v in res["accuracy_matrix"].items()}
+    assert set(R) == set(sb.RULES) and all(v.shape == (2, 2) for v in R.values())
+    assert np.all(np.isfinite(R["til"]))  # every task is evaluated after every task
+    assert np.all(R["cil"] <= R["task_id"])  # right class under the inferred task needs the right task
+
+
 def test_setting2_trains_on_the_merged_stream_and_identifies_tasks():
     scenario = _scenario()
-    net, params, stats = sb.build("6.5-2.3-2.4", scenario.block_sizes, jax.random.key(0), stem_mode="imagenet",
-                                  input_shape=SHAPE)
-    before = jax.device_get(params["task"])
-    tx = sb.make_optimizer(1e-3, 1e-2)
+    m = _online(scenario)
+    before = jax.device_get(sb.init_state(m, jax.random.key(0)))
     logs = []
-    params, stats, accs = sb.setting2(net, params, stats, scenario, batch_size=BATCH, tx=tx, seed=0,
-                                      eval_splits=[t.test for t in scenario.tasks], eval_batch=BATCH,
-                                      log=logs.append)
+    state, accs, info = sb.setting2(m, jax.random.key(0), seed=0, log=logs.append)
     assert set(accs) == set(sb.RULES) and all(a.shape == (2,) for a in accs.values())
     for rule, a in accs.items():
         assert np.all((0 <= a) & (a <= 1)), rule
     assert np.all(accs["cil"] <= accs["task_id"])  # right class under the inferred task needs the right task
-    assert logs[0]["steps"] == 3 and logs[0]["examples"] == 96  # 96 examples seen once, last batch padded
-    after = jax.device_get(params["task"])
+    assert info["steps"] == 3 and info["examples"] == 96 and logs[0]["steps"] == 3  # 96 seen once, last padded
     for t in range(2):  # both copies learned from their own examples in the mixed batches
-        assert not _same(jax.tree.map(lambda a: a[t], after), jax.tree.map(lambda a: a[t], before))
+        after = _view(m.net, state["params"], state["batch_stats"], t)
+        prev = _view(m.net, before["params"], before["batch_stats"], t)
+        assert not _same(after[0], prev[0]) and not _same(after[1], prev[1])
 
 
 def test_mixed_batch_statistics_only_move_for_tasks_present():
     scenario = _scenario()
     net, params, stats = sb.build("6.5-2.3-2.4", scenario.block_sizes, jax.random.key(0), stem_mode="imagenet",
                                   input_shape=SHAPE)
-    tx = sb.make_optimizer(1e-3, 1e-2)
-    step = sb.make_train_step(net, tx, mixed=True)
-    before = jax.device_get((params["task"], stats["task"], stats["shared"]))
+    tx = sb.make_optimizer(net, 1e-3, 1e-2)
+    step, gate = sb.make_train_step(net, tx, mixed=True), sb.make_gate(net)
+    before = [_view(net, *jax.device_get((params, stats)), t) for t in range(2)]
     x, y = _batch(0)
     task = np.zeros(len(y), np.int32)  # only task 0 in this batch
-    (params, stats, _), _ = step((params, stats, tx.init(params)), x, y, task, np.ones(len(y), bool))
-    after = jax.device_get((params["task"], stats["task"], stats["shared"]))
-    row = lambda tree, t: jax.tree.map(lambda a: a[t], tree)  # noqa: E731
-    assert _same(row(after, 1), row(before, 1))  # task 1: copy, its BN statistics, shared-layer statistics
-    assert all(not _same(row(a, 0), row(b, 0)) for a, b in zip(after, before))
+    (params, stats, _), _ = _train(step, gate, (params, stats, tx.init(params)), x, y, task)
+    after = [_view(net, params, stats, t) for t in range(2)]
+    assert _same(after[1], before[1])  # task 1: its rows, its BN statistics, its shared-layer statistics
+    assert all(not _same(a, b) for a, b in zip(after[0], before[0]))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -270,12 +359,11 @@ def test_init_file_and_pretraining_give_the_starting_backbone(tmp_path):
     init = ocl.initial_backbone(cfg, tmp_path)
     net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), init=init, input_shape=SHAPE)
     file_p, file_s = convert.torchvision_to_flax(_torchvision_state_dict())
-    np.testing.assert_array_equal(params["frozen"]["stem"]["kernel"], file_p["stem"]["kernel"])
+    np.testing.assert_array_equal(params["stem"]["kernel"], file_p["stem"]["kernel"])
     for t in range(2):  # every task copy starts from the file's weights and statistics
-        np.testing.assert_array_equal(params["task"]["stage3_block1.conv2"]["kernel"][t],
+        np.testing.assert_array_equal(params["stage3_block1"]["conv2"]["kernel"][t],
                                       file_p["stage3_block1"]["conv2"]["kernel"])
-        np.testing.assert_array_equal(stats["shared"]["stage3_block1.conv1"]["var"][t],
-                                      file_s["stage3_block1"]["bn1"]["var"][0])
+        np.testing.assert_array_equal(stats["stage3_block1"]["bn1"]["var"][t], file_s["stage3_block1"]["bn1"]["var"][0])
     # pre-training on a source set moves every layer and is cached in the workdir
     cfg = {"init": "random", "pretrain": "digits", "pretrain_subset": 64, "pretrain_epochs": 1, "pretrain_batch": 32,
            "pretrain_lr": 1e-3, "image_shape": list(SHAPE), "stem_mode": "imagenet", "seed": 0}
@@ -301,18 +389,34 @@ def test_ocl_cli_end_to_end_and_resume(tmp_path, shared_data, capsys):
     assert ocl.main(argv) == 0
     out = capsys.readouterr().out
     assert "Val1" in out and "task-ID max-p" in out and "frozen   6.456M" in out and "(subsets)" in out
-    for name in ("config.json", "metrics.jsonl", "results.json", "accuracy_matrices.png", "ocl_summary.png"):
+    for name in ("config.json", "results.json", "accuracy_matrices.png", "ocl_summary.png"):
         assert (workdir / name).is_file(), name
+    p1, p2 = workdir / "s1_6.5-2.3-2.4_b32", workdir / "s2_6.5-2.3-2.4_b32"
+    for part in (p1, p2):  # every part is a run directory with results.json in the loop's schema
+        part_res = json.loads((part / "results.json").read_text())
+        assert part_res["schema"] == loop.SCHEMA and part_res["tasks"] == ["mnist", "fashion_mnist"]
+        assert part_res["config"]["batch_size"] == 32 and (part / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in (p1 / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     res = json.loads((workdir / "results.json").read_text())
     s1, s2 = res["runs"]["s1_6.5-2.3-2.4_b32"], res["runs"]["s2_6.5-2.3-2.4_b32"]
     R = np.asarray(s1["R"]["til"])
     assert R.shape == (2, 2) and s1["val1"] == list(np.diag(R)) and s1["val2"] == list(R[-1])
+    assert s1["R"] == json.loads((p1 / "results.json").read_text())["accuracy_matrix"]  # read from the part
     assert s1["forgetting"] == pytest.approx(R[0, 0] - R[1, 0])
     assert len(s2["acc"]["task_id"]) == 2 and 0 <= s2["mean"]["task_id"] <= 1
     assert res["examples"] == {"train": [64, 64], "test": [32, 32]}
     # the same command resumes: every part is already there
     assert ocl.main(argv) == 0
     assert "finished" not in capsys.readouterr().out
+    # a Setting 1 part stopped after its first task resumes there, to the same matrices
+    shutil.rmtree(p1 / "checkpoints" / "2")
+    (p1 / "results.json").unlink()
+    assert ocl.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "after task 0" in out and "finished s1_6.5-2.3-2.4_b32" in out
+    assert "finished s2" not in out
+    again = json.loads((workdir / "results.json").read_text())["runs"]
+    assert again["s1_6.5-2.3-2.4_b32"]["R"] == s1["R"] and again["s2_6.5-2.3-2.4_b32"]["acc"] == s2["acc"]
     # bad input: one line, exit 2, nothing written
     assert ocl.main(["--splits", "6.5-2.3", "--workdir", str(tmp_path / "bad")]) == 2
     assert ocl.main(["--datasets", "mnist", "--workdir", str(tmp_path / "bad")]) == 2

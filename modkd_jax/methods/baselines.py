@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from modkd_jax import losses, masks, models, training
+from jax.sharding import Mesh
+
+from modkd_jax import evaluation, losses, masks, models, parallel, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
-from modkd_jax.methods.mind import block_size_of
+from modkd_jax.learner import Learner, scenario_fields
+from modkd_jax.methods.mind import PRESETS, MindConfig, block_size_of, make_loss
 
 PyTree = Any
 
@@ -85,6 +87,14 @@ class BaselineConfig:
             raise ValueError("ewc_lambda and lwf_alpha must be non-negative")
 
 
+def preset(dataset: str) -> dict:
+    """MIND's per-dataset preset as the baselines read it (``epochs`` trains each task, PackNet retrains
+    for MIND's distillation epochs); the same protocol, so the comparison is like for like."""
+    p = {**dataclasses.asdict(MindConfig()), **PRESETS[dataset]}
+    keep = ("arch", "hidden", "epochs", "batch_size", "lr", "crop_flip", "task_count")
+    return {**{k: p[k] for k in keep}, "retrain_epochs": p["distill_epochs"], "val_fraction": 0.1}
+
+
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """Everything static about a baseline run: network, compiled steps and evaluators."""
@@ -97,9 +107,9 @@ class Baseline:
     block_size: int
     tx: Any
     step: Callable
-    eval_fn: Callable
+    counts: Callable
     fisher_fn: Callable | None  # EWC
-    dense_eval: Callable | None  # PackNet: one sub-network on its own block (validation)
+    block_counts: Callable | None  # PackNet: one sub-network on its own block (validation)
 
     @property
     def task_count(self) -> int:
@@ -149,50 +159,47 @@ def _single_head_apply(model) -> Callable:
     return apply
 
 
-def make_head_step(apply_fn: Callable, cfg: BaselineConfig, block_size: int, mean, std, tx,
-                   *, global_labels: bool = False):
-    """The single-head train step, with ``training.make_train_step``'s signature (so ``run_phase`` drives it).
+class Context(NamedTuple):
+    """What one baseline train step needs besides the batch."""
 
-    ``aux`` (the teacher slot) is ``{"old": variables}`` for LwF, ``{"anchor", "fisher"}``
-    for EWC, else None. Labels are task-local (``global_labels=False``) or already
-    global class ids (joint training on pooled tasks).
+    task: jax.Array  # int32 scalar
+    forward: PyTree  # weights that compute
+    trainable: PyTree  # weights that are updated
+    old: PyTree = None  # LwF: the previous model's variables
+    anchor: PyTree = None  # EWC: the weights after the last task
+    fisher: PyTree = None  # EWC: the summed diagonal Fisher
+
+
+def make_head_loss(apply_fn: Callable, cfg: BaselineConfig, block_size: int, *, global_labels: bool = False):
+    """The single-head loss: CE over the seen (or the task's) classes, plus LwF's or EWC's term.
+
+    Labels are task-local (``global_labels=False``) or already global class ids
+    (joint training on pooled tasks).
     """
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
     k, method = block_size, cfg.method
 
-    def step(carry, x, y, key, task, fwd_mask, trn_mask, aux):
-        params, batch_stats, opt_state = carry
-        xf = batching.augment(key, x, mean, std, cfg.crop_flip)
-        labels = y if global_labels else y + task * k
+    def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: Context):
+        task = ctx.task
+        labels = inputs.y if global_labels else inputs.y + task * k
         lo = 0 if (cfg.head == "seen" or global_labels) else task * k
-        t_logits = None
+        logits, new = apply_fn({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats}, inputs.x,
+                               task, train=True, mutable=["batch_stats"])
+        z = losses.masked_logits(logits, class_window(logits.shape[-1], lo, (task + 1) * k))
+        ce = losses.cross_entropy(z, labels)
         if method == "lwf":
-            t_logits = jax.lax.stop_gradient(apply_fn(aux["old"], xf, task, train=False))
+            reg = cfg.lwf_alpha * lwf_term(logits, inputs.teacher, task, k, cfg.lwf_temperature)
+        elif method == "ewc":
+            reg = cfg.ewc_lambda * ewc_penalty(params, ctx.anchor, ctx.fisher)
+        else:
+            reg = jnp.zeros(())
+        acc = jnp.mean(jnp.argmax(z, -1) == labels)
+        return ce + reg, (new["batch_stats"], {"ce": ce, "reg": reg, "acc": acc})
 
-        def loss_fn(p):
-            logits, new = apply_fn({"params": masks.gate(p, fwd_mask), "batch_stats": batch_stats}, xf, task,
-                                   train=True, mutable=["batch_stats"])
-            z = losses.masked_logits(logits, class_window(logits.shape[-1], lo, (task + 1) * k))
-            ce = losses.cross_entropy(z, labels)
-            if method == "lwf":
-                reg = cfg.lwf_alpha * lwf_term(logits, t_logits, task, k, cfg.lwf_temperature)
-            elif method == "ewc":
-                reg = cfg.ewc_lambda * ewc_penalty(p, aux["anchor"], aux["fisher"])
-            else:
-                reg = jnp.zeros(())
-            acc = jnp.mean(jnp.argmax(z, -1) == labels)
-            return ce + reg, (new["batch_stats"], {"ce": ce, "reg": reg, "acc": acc})
-
-        (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, mask=trn_mask)
-        params = optax.apply_updates(params, updates)
-        return (params, batch_stats, opt_state), {"loss": loss, **metrics}
-
-    return jax.jit(step, donate_argnums=(0,))
+    return loss_fn
 
 
-def make_head_eval(apply_fn: Callable, block_size: int, mean, std):
-    """``eval(variables, x, y, valid, true_task, seen) -> correct counts`` of a single-head network, jitted.
+def make_head_counts(apply_fn: Callable, block_size: int, mean, std):
+    """``counts(variables, x, y, valid, true_task, seen) -> correct counts`` of a single-head network, jitted.
 
     til: argmax over the true task's block; cil: argmax over the blocks of the
     first ``seen`` tasks; task_id: that argmax falls in the true task's block.
@@ -200,14 +207,14 @@ def make_head_eval(apply_fn: Callable, block_size: int, mean, std):
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
-    def evaluate(variables, x, y, valid, true_task, seen):
+    def counts(variables, x, y, valid, true_task, seen):
         logits = apply_fn(variables, batching.to_float(x, mean, std), true_task, train=False)
         til = jnp.argmax(training.block(logits, true_task, block_size), -1) == y
         cls = jnp.argmax(losses.masked_logits(logits, class_window(logits.shape[-1], 0, seen * block_size)), -1)
         return {"til": jnp.sum(valid & til), "cil": jnp.sum(valid & (cls == true_task * block_size + y)),
                 "task_id": jnp.sum(valid & (cls // block_size == true_task))}
 
-    return evaluate
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,30 +226,40 @@ def _build(cfg: BaselineConfig, num_outputs: int, num_tasks: int):
     return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
 
 
-def setup(cfg: BaselineConfig, scenario: Scenario) -> Baseline:
-    """Network, compiled step and evaluator for ``cfg`` on ``scenario``."""
+def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Baseline:
+    """Network, compiled step and counts function for ``cfg`` on ``scenario``; data-parallel over ``mesh``."""
     k = block_size_of(scenario)
+    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {mesh.shape['data']} devices; "
+                         f"use a multiple of {mesh.shape['data']}")
     T = scenario.task_count
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
         model = _build(cfg, k * T, T)
         apply_fn = model.apply
-        spec = training.StepSpec(apply_fn, block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, loss="ce")
-        step = training.make_train_step(spec, tx)
-        eval_fn = training.make_subnet_eval(apply_fn, T, k, mean, std)
-        fisher_fn, dense_eval = None, training.make_dense_eval(apply_fn, k, mean, std)
+        step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
+        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std)
+        fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
         model = _build(cfg, k * T, 1)
         apply_fn = _single_head_apply(model)
-        step = make_head_step(apply_fn, cfg, k, mean, std, tx, global_labels=cfg.method == "joint")
-        eval_fn = make_head_eval(apply_fn, k, mean, std)
+        teacher = (lambda ctx, x: apply_fn(ctx.old, x, ctx.task, train=False)) if cfg.method == "lwf" else None
+        step = training.make_step(make_head_loss(apply_fn, cfg, k, global_labels=cfg.method == "joint"), tx,
+                                  training.augmenting(mean, std, cfg.crop_flip, teacher=teacher))
+        counts = make_head_counts(apply_fn, k, mean, std)
         fisher_fn = (training.make_fisher(apply_fn, k, mean, std, seen_classes=cfg.head == "seen")
                      if cfg.method == "ewc" else None)
-        dense_eval = None
+        block_counts = None
+    if mesh is not None:  # the same functions with sharding annotations; batches split along "data"
+        step = parallel.data_parallel(step, mesh)
+        counts = parallel.data_parallel(counts, mesh, batch_argnums=(3, 4, 5) if cfg.method == "packnet"
+                                        else (1, 2, 3), donate_argnums=())
+        if block_counts is not None:
+            block_counts = parallel.data_parallel(block_counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
     params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
-    return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, eval_fn, fisher_fn,
-                    dense_eval)
+    return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, counts, fisher_fn,
+                    block_counts)
 
 
 def init_state(b: Baseline, key: jax.Array) -> PyTree:
@@ -273,16 +290,13 @@ def _copy(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.copy, tree)
 
 
-def _run(b: Baseline, name: str, carry, split, *, epochs, key, task, fwd, trn, aux=None, log=None,
-         progress=True):
-    def tagged(m):
-        if log is not None:
-            log({"task": task, "phase": name, **m})
-
-    return training.run_phase(b.step, carry, split, epochs=epochs, batch_size=b.cfg.batch_size,
-                              base_lr=b.cfg.lr, milestone=b.cfg.lr_milestone, key=key, task=task, fwd_mask=fwd,
-                              trn_mask=trn, teacher_vars=aux, desc=f"task {task} {name}", log=tagged,
-                              progress=progress)
+def _run(b: Baseline, name: str, t: int, params, batch_stats, split, ctx: Context, epochs: int, key, log,
+         progress):
+    """One training phase of task ``t``; returns the carry."""
+    tagged = None if log is None else (lambda m: log({"task": t, "phase": name, **m}))
+    phase = training.Phase(epochs, b.cfg.batch_size, b.cfg.lr, b.cfg.lr_milestone)
+    return training.run_phase(b.step, (params, batch_stats, b.tx.init(params)), split, ctx, phase, key,
+                              desc=f"task {t} {name}", log=tagged, progress=progress)
 
 
 def _prune_free(params: PyTree, owner: PyTree, kinds: PyTree) -> PyTree:
@@ -298,19 +312,17 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     # Train the free weights; earlier tasks' weights compute but stay frozen (FREE = -1 <= t).
     fwd = jax.tree.map(lambda o: o <= t, owner)
     trn = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
-    carry = (params, batch_stats, b.tx.init(params))
-    params, batch_stats, _ = _run(b, "train", carry, task.train, epochs=cfg.epochs, key=k_train, task=t, fwd=fwd,
-                                  trn=trn, log=log, progress=progress)
+    params, batch_stats, _ = _run(b, "train", t, params, batch_stats, task.train, Context(jnp.int32(t), fwd, trn),
+                                  cfg.epochs, k_train, log, progress)
     # Keep the largest trained |w| (a 1/N share of each layer, as MIND), prune the rest, retrain what was kept.
     owner = masks.assign(owner, b.kinds, t, T, policy="magnitude", weights=params)
     params = _prune_free(params, owner, b.kinds)
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
-    carry = (params, batch_stats, b.tx.init(params))
-    params, batch_stats, _ = _run(b, "retrain", carry, task.train, epochs=cfg.retrain_epochs, key=k_retrain,
-                                  task=t, fwd=fwd, trn=trn, log=log, progress=progress)
+    params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
+                                  Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner}
-    info = {"val_til_acc": training.dense_accuracy(
-                b.dense_eval, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,
+    info = {"val_til_acc": evaluation.block_accuracy(
+                b.block_counts, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,
                 cfg.eval_batch_size),
             "capacity_left": masks.capacity_left(owner, b.kinds)}
     return state, info
@@ -320,23 +332,22 @@ def _learn_single_head(b: Baseline, state: PyTree, t: int, key: jax.Array, log, 
     cfg, task = b.cfg, b.scenario.tasks[t]
     params, batch_stats = state["params"], state["batch_stats"]
     full = masks.full_mask(params)
-    aux, split = None, task.train
+    ctx, split = Context(jnp.int32(t), full, full), task.train
     if cfg.method == "lwf":
-        aux = {"old": _copy({"params": params, "batch_stats": batch_stats})}
+        ctx = ctx._replace(old=_copy({"params": params, "batch_stats": batch_stats}))
     elif cfg.method == "ewc":
-        aux = {"anchor": _copy(params), "fisher": state["fisher"]}
+        ctx = ctx._replace(anchor=_copy(params), fisher=state["fisher"])
     elif cfg.method == "joint":
         split = pooled_split(b.scenario, t, b.block_size)
-    carry = (params, batch_stats, b.tx.init(params))
-    params, batch_stats, _ = _run(b, cfg.method, carry, split, epochs=cfg.epochs, key=key, task=t, fwd=full,
-                                  trn=full, aux=aux, log=log, progress=progress)
+    params, batch_stats, _ = _run(b, cfg.method, t, params, batch_stats, split, ctx, cfg.epochs, key, log,
+                                  progress)
     state = {"params": params, "batch_stats": batch_stats}
     info = {}
     if cfg.method == "ewc":
         f_t = fisher_diagonal(b, state, task.train, t)
-        state["fisher"] = jax.tree.map(jnp.add, aux["fisher"], f_t)
+        state["fisher"] = jax.tree.map(jnp.add, ctx.fisher, f_t)
         info["fisher_mean"] = float(np.mean([float(jnp.mean(v)) for v in jax.tree.leaves(f_t)]))
-    info["val_til_acc"] = float(_accuracies(b, state, [task.val], t + 1, [t])["til"][0])
+    info["val_til_acc"] = float(evaluate(b, state, [task.val], t + 1, [t])["til"][0])
     return state, info
 
 
@@ -349,25 +360,21 @@ def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable
     return state, {"task": t, **info, "seconds": time.perf_counter() - start}
 
 
-def _accuracies(b: Baseline, state: PyTree, splits, seen: int, task_ids) -> dict[str, np.ndarray]:
-    """Single-head accuracy per rule (til, cil, task_id) on each split."""
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    batch_size = max(1, min(b.cfg.eval_batch_size, max(len(s.y) for s in splits)))
-    out: dict[str, list[float]] = {}
-    for j, split in zip(task_ids, splits):
-        totals: dict[str, int] = {}
-        for x, y, valid in training.pad_batches(split.x, split.y, batch_size):
-            for r, v in b.eval_fn(variables, x, y, valid, jnp.int32(j), jnp.int32(seen)).items():
-                totals[r] = totals.get(r, 0) + int(v)
-        for r, v in totals.items():
-            out.setdefault(r, []).append(v / len(split.y) if len(split.y) else np.nan)
-    return {r: np.asarray(v) for r, v in out.items()}
-
-
 def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
     """Accuracy per rule (til, cil[, cil_entropy], task_id) on ``splits`` of tasks ``task_ids`` (default 0..)."""
-    task_ids = list(range(len(splits)) if task_ids is None else task_ids)
     if b.cfg.method == "packnet":
-        return training.evaluate_tasks(b.eval_fn, state["params"], state["batch_stats"], state["owner"], splits,
-                                       seen, b.cfg.eval_batch_size, task_ids, tau=b.cfg.temperature)
-    return _accuracies(b, state, splits, seen, task_ids)
+        return evaluation.accuracies(b.counts, (state["params"], state["batch_stats"], state["owner"]), splits,
+                                     seen, b.cfg.eval_batch_size, task_ids, extra=(jnp.float32(b.cfg.temperature),))
+    return evaluation.accuracies(b.counts, ({"params": state["params"], "batch_stats": state["batch_stats"]},),
+                                 splits, seen, b.cfg.eval_batch_size, task_ids)
+
+
+def learner(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
+    """A baseline (fine-tuning, joint, PackNet, LwF, EWC) as a ``Learner``; data-parallel over ``mesh`` if given."""
+    b = setup(cfg, scenario, mesh)
+    tests = [task.test for task in scenario.tasks]
+    return Learner(name=cfg.method, rules=b.rules, init_state=lambda key: init_state(b, key),
+                   learn_task=lambda state, t, key, **kw: learn_task(b, state, t, key, **kw),
+                   evaluate=lambda state, seen: evaluate(b, state, tests, seen),
+                   param_counts=lambda state: {"model": models.param_count(state["params"])},
+                   **scenario_fields(scenario))

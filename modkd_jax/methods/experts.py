@@ -40,6 +40,12 @@ the matching leaves of a (wider) new model, ``transfer_owner`` makes them the
 task's frozen share of an owner map, so the new model computes the old task
 with them alone while later tasks train the rest (``preserve``). Leaves whose
 shapes do not fit (``transfer_plan``) are handed to distillation instead.
+
+**Contract.** ``learner(cfg, scenario)`` is the pool as a ``Learner`` for
+``modkd_jax.loop``: the state holds the pool, the router (projection,
+prototypes, radii, membership) and the routing statistics; the train step is
+``training.make_step`` over ``make_loss``; ``make_counts`` gives every rule of
+one batch in one compiled call for ``evaluation.accuracies``.
 """
 
 from __future__ import annotations
@@ -47,26 +53,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from modkd_jax import losses, masks, models, routing, training
+from modkd_jax import evaluation, losses, masks, models, routing, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
+from modkd_jax.learner import Learner, scenario_fields
+from modkd_jax.methods import mind
 from modkd_jax.methods.mind import block_size_of
 
 PyTree = Any
 ALLOCATIONS = ("entropy", "new")
+RULES = ("til", "cil", "routing", "task_id", "activated")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertsConfig:
-    """Hyperparameters of a modular-experts run."""
+    """Hyperparameters of a modular-experts run (defaults: MNIST) and of its knowledge-preservation protocol."""
 
     hidden: tuple[int, ...] = (128, 128)  # widths of one expert MLP
     max_experts: int = 0  # pool capacity; 0 = one per task
@@ -88,19 +95,41 @@ class ExpertsConfig:
     distill_temperature: float = 2.0
     eval_batch_size: int = 512
     stats_examples: int = 2000  # held-out inputs per task for routing statistics
+    old_hidden: tuple[int, ...] = (64, 64)  # preservation: widths of the deprecated model
+    keep: float = 0.5  # preservation: share of each deprecated kernel kept by importance
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; expected one of {ALLOCATIONS}")
-        if min(self.epochs, self.batch_size, self.prototypes, self.top_k, len(self.hidden)) < 1:
-            raise ValueError("epochs, batch_size, prototypes, top_k and len(hidden) must be at least 1")
+        if min(self.epochs, self.batch_size, self.prototypes, self.top_k, self.kmeans_iters, self.eval_batch_size,
+               self.stats_examples, len(self.hidden), len(self.old_hidden), *self.hidden, *self.old_hidden) < 1:
+            raise ValueError("epochs, batch_size, prototypes, top_k, kmeans_iters, eval_batch_size, stats_examples "
+                             "and the hidden widths must be at least 1")
         if not 0.0 <= self.radius_quantile <= 1.0 or not 0.0 <= self.reuse_threshold <= 1.0:
             raise ValueError("radius_quantile and reuse_threshold must lie in [0, 1]")
         if self.max_experts < 0 or self.embed_dim < 0:
             raise ValueError("max_experts and embed_dim must be non-negative")
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep must lie in (0, 1], got {self.keep}")
 
 
-# --- Pool and embedding --------------------------------------------------------------------------
+# Per-dataset presets: ExpertsConfig fields plus the scenario's task count and validation share.
+_MNIST = dict(task_count=5, val_fraction=0.1, epochs=2)
+PRESETS = {
+    "mnist": _MNIST,
+    "fashion_mnist": _MNIST,
+    "digits": dict(task_count=5, val_fraction=0.1, epochs=20, batch_size=32, hidden=(32, 32), embed_dim=32,
+                   prototypes=8, old_hidden=(16, 16)),
+}
+
+
+def preset_config(dataset: str, **overrides) -> ExpertsConfig:
+    """The ExpertsConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
+    fields = {f.name for f in dataclasses.fields(ExpertsConfig)}
+    return ExpertsConfig(**{**{k: v for k, v in PRESETS[dataset].items() if k in fields}, **overrides})
+
+
+# --- Pool, embedding, routing --------------------------------------------------------------------
 
 
 def take(tree: PyTree, idx) -> PyTree:
@@ -152,47 +181,44 @@ def expert_prototypes(membership: jax.Array, k: int) -> jax.Array:
     return jnp.repeat(membership, k, axis=1)
 
 
-def route_experts(router: PyTree, x_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(expert, task)`` per input: the expert with the most similar prototype and that prototype's task."""
-    emb = embed(router["projection"], x_uint8)
+def route(router: PyTree, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(expert, task)`` per embedded input: the expert with the most similar prototype and that prototype's task."""
     T, K, d = router["prototypes"].shape
     member = expert_prototypes(router["membership"] & router["seen"][None], K)
     expert = routing.route(emb, router["prototypes"].reshape(T * K, d), member)
-    task = jnp.argmax(task_scores(emb, router["prototypes"], router["seen"]), axis=-1)
-    return expert, task
+    return expert, jnp.argmax(task_scores(emb, router["prototypes"], router["seen"]), axis=-1)
 
 
-def slot_weights(router: PyTree, emb: jax.Array, task, slots: jax.Array, top_k: int,
-                 temperature: float) -> jax.Array:
-    """Mixture weights ``(B, k)`` of the experts serving ``task``: soft top-k over their similarity to ``x``.
+def task_weights(router: PyTree, emb: jax.Array, task, top_k: int, temperature: float) -> jax.Array:
+    """Mixture weights ``(B, E)`` of the experts serving ``task`` (one, or one per input), 0 for the others.
 
-    Similarity counts the experts' *other* tasks' prototypes (what each already
-    knows); an expert with no other task scores 0. A single expert gets weight 1.
+    Soft top-k over the experts' similarity to the input through their *other*
+    tasks' prototypes (what each already knows; 0 for an expert with no other
+    task). A single expert gets weight 1.
     """
     T, K, d = router["prototypes"].shape
-    others = router["membership"] & router["seen"][None] & (jnp.arange(T) != task)[None]
-    scores = routing.prototype_scores(emb, router["prototypes"].reshape(T * K, d), expert_prototypes(others, K))
-    s = jnp.take(scores, slots, axis=1)  # (B, k)
-    return routing.soft_top_k(jnp.where(jnp.isfinite(s), s, 0.0), top_k, temperature)
+    served = router["membership"] & router["seen"][None]  # (E, T)
+    protos = router["prototypes"].reshape(T * K, d)
+    others = lambda j: expert_prototypes(served & (jnp.arange(T) != j)[None], K)  # noqa: E731
+    per_task = jax.vmap(lambda j: routing.prototype_scores(emb, protos, others(j)))(jnp.arange(T))  # (T, B, E)
+    task = jnp.broadcast_to(task, emb.shape[:1])
+    s = per_task[task, jnp.arange(emb.shape[0])]
+    s = jnp.where(served.T[task], jnp.where(jnp.isfinite(s), s, 0.0), -jnp.inf)
+    return routing.soft_top_k(s, top_k, temperature)
 
 
-def mix(logits: jax.Array, weights: jax.Array, task, block_size: int) -> jax.Array:
-    """``log sum_s w_s softmax(block of logits[s])``: mixed class log-probabilities ``(B, block)``.
+def block_at(logits: jax.Array, task, size: int) -> jax.Array:
+    """The class block of ``task`` (one, or one per input) of logits ``(..., B, out)``."""
+    idx = jnp.broadcast_to(task, logits.shape[-2:-1])[:, None] * size + jnp.arange(size)
+    return jnp.take_along_axis(logits, jnp.broadcast_to(idx, (*logits.shape[:-1], size)), axis=-1)
 
-    ``logits (k, B, out)`` of the task's ``k`` experts, ``weights (B, k)``; zero weights drop out exactly.
-    """
-    logp = jax.nn.log_softmax(training.block(logits, task, block_size), axis=-1)
+
+def mix(z: jax.Array, weights: jax.Array) -> jax.Array:
+    """``log sum_s w_s softmax(z[s])`` of block logits ``z (S, B, block)``, ``weights (B, S)``; 0 weights drop out."""
+    logp = jax.nn.log_softmax(z, axis=-1)
     on = (weights > 0).T[..., None]
     logw = jnp.log(jnp.where(weights > 0, weights, 1.0)).T[..., None]
     return jax.scipy.special.logsumexp(jnp.where(on, logp + logw, -jnp.inf), axis=0)
-
-
-def mixture_log_probs(model, pool: PyTree, slots: jax.Array, weights: jax.Array, xf: jax.Array, task,
-                      block_size: int) -> jax.Array:
-    """The task's class log-probabilities ``(B, block)`` from its experts ``slots`` mixed by ``weights``."""
-    sub = take({"params": pool["params"], "batch_stats": pool["batch_stats"]}, slots)
-    logits = jax.vmap(lambda v: model.apply(v, xf, task, train=False))(sub)  # (k, B, out)
-    return mix(logits, weights, task, block_size)
 
 
 # --- Allocation ----------------------------------------------------------------------------------
@@ -227,72 +253,118 @@ def allocate(cfg: ExpertsConfig, task: int, counts: np.ndarray, fit_count: np.nd
     return [int(np.argmax(np.where(active, share, -1.0)))], "forced", info
 
 
-# --- Training ------------------------------------------------------------------------------------
+# --- Training and evaluation ---------------------------------------------------------------------
 
 
-def make_expert_step(model, cfg: ExpertsConfig, block_size: int, num_tasks: int, mean, std, tx,
-                     distill: bool):
-    """The pool's train step, with ``training.make_train_step``'s signature so ``training.run_phase`` drives it.
+class Inputs(NamedTuple):
+    """What the pool's loss sees of one batch: standardised inputs, labels, the task's expert weights ``(B, S)``."""
 
-    ``route`` (the forward-mask slot) holds the router and the task's expert
-    ``slots`` (their number is static: one compile per count); ``trn_mask`` gates the pool to those rows;
-    ``teacher`` is the pool before the task (used when ``distill``: LwF on the
-    reused experts' earlier tasks, ``route["old"] (k, T)``).
+    x: jax.Array
+    y: jax.Array
+    weights: jax.Array
+
+
+class Context(NamedTuple):
+    """What one train step needs besides the batch: the task, the router, its experts and the LwF teacher."""
+
+    task: jax.Array  # int32 scalar
+    router: PyTree
+    slots: jax.Array  # (S,) the task's experts (S static: one compile per count)
+    trainable: PyTree  # the gate of ``optim.gated``: the rows of ``slots``
+    old: jax.Array | None = None  # (S, T) earlier tasks of each slot (LwF)
+    teacher: PyTree = None  # the pool before the task (LwF)
+
+
+def make_loss(model, cfg: ExpertsConfig, block_size: int, num_tasks: int, distill: bool) -> Callable:
+    """CE of the task's soft top-k mixture, plus ``distill_beta *`` LwF on the reused experts' earlier tasks."""
+
+    def loss_fn(params, batch_stats, inputs: Inputs, ctx: Context):
+        sub_p, sub_bs = take(params, ctx.slots), take(batch_stats, ctx.slots)
+        logits, new = jax.vmap(lambda p, b: model.apply({"params": p, "batch_stats": b}, inputs.x, ctx.task,
+                                                        train=True, mutable=["batch_stats"]))(sub_p, sub_bs)
+        mixed = mix(training.block(logits, ctx.task, block_size), inputs.weights)
+        ce = -jnp.mean(jnp.take_along_axis(mixed, inputs.y[:, None], axis=1))
+        extra = jnp.zeros(())
+        if distill:
+            def kd(p, b, tv, j):
+                s = model.apply({"params": p, "batch_stats": b}, inputs.x, j, train=False)
+                t = model.apply(tv, inputs.x, j, train=False)
+                return losses.kd_kl(training.block(s, j, block_size), training.block(t, j, block_size),
+                                    cfg.distill_temperature)
+
+            tasks = jnp.arange(num_tasks)
+            per = jax.vmap(lambda p, b, tv: jax.vmap(lambda j: kd(p, b, tv, j))(tasks))(
+                sub_p, sub_bs, take(ctx.teacher, ctx.slots))
+            extra = jnp.sum(jnp.where(ctx.old, per, 0.0)) / jnp.maximum(jnp.sum(ctx.old), 1)
+        batch_stats = jax.tree.map(lambda a, n: a.at[ctx.slots].set(n), batch_stats, new["batch_stats"])
+        acc = jnp.mean(jnp.argmax(mixed, -1) == inputs.y)
+        return ce + cfg.distill_beta * extra, (batch_stats, {"ce": ce, "distill": extra, "acc": acc})
+
+    return loss_fn
+
+
+def make_counts(model, cfg: ExpertsConfig, block_size: int, mean, std) -> Callable:
+    """``counts(pool, router, x, y, valid, true_task, seen)`` of every rule in ``RULES``, jitted.
+
+    til: the true task's experts; cil: routed to the right task and class;
+    routing: routed to an expert of the true task; task_id: inferred task right;
+    activated: experts a prediction runs (its inferred task's). One compiled call
+    runs every expert (weight 0 drops out exactly); the router holds what is seen.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
-    def step(carry, x, y, key, task, route, trn_mask, teacher):
-        params, batch_stats, opt_state = carry
-        xf = batching.augment(key, x, mean, std, False)
-        slots = route["slots"]
-        w = slot_weights(route["router"], embed(route["router"]["projection"], x), task, slots, cfg.top_k,
-                         cfg.route_temperature)
+    @jax.jit
+    def counts(pool, router, x, y, valid, true_task, seen):
+        xf, emb = batching.to_float(x, mean, std), embed(router["projection"], x)
+        expert, task = route(router, emb)
 
-        def loss_fn(p):
-            sub_p, sub_bs = take(p, slots), take(batch_stats, slots)
-            logits, new = jax.vmap(lambda pp, bb: model.apply({"params": pp, "batch_stats": bb}, xf, task,
-                                                               train=True, mutable=["batch_stats"]))(sub_p, sub_bs)
-            mixed = mix(logits, w, task, block_size)
-            ce = -jnp.mean(jnp.take_along_axis(mixed, y[:, None], axis=1))
-            extra = jnp.zeros(())
-            if distill:
-                old, t_sub = route["old"], take(teacher, slots)
+        def predicted(t):  # the class of the mixture of task t's experts (t: one, or one per input)
+            logits = jax.vmap(lambda v: model.apply(v, xf, t, train=False))(pool)
+            w = task_weights(router, emb, t, cfg.top_k, cfg.route_temperature)
+            return jnp.argmax(mix(block_at(logits, t, block_size), w), -1)
 
-                def kd_one(pp, bb, tv, j):
-                    s = training.block(model.apply({"params": pp, "batch_stats": bb}, xf, j, train=False), j,
-                                       block_size)
-                    t = training.block(model.apply(tv, xf, j, train=False), j, block_size)
-                    return losses.kd_kl(s, t, cfg.distill_temperature)
+        member = router["membership"]
+        return {"til": jnp.sum(valid & (predicted(true_task) == y)),
+                "cil": jnp.sum(valid & (task == true_task) & (predicted(task) == y)),
+                "routing": jnp.sum(valid & member[expert, true_task]),
+                "task_id": jnp.sum(valid & (task == true_task)),
+                "activated": jnp.sum(jnp.where(valid, member[:, task].sum(0), 0))}
 
-                tasks = jnp.arange(num_tasks)
-                kd = jax.vmap(lambda pp, bb, tv: jax.vmap(lambda j: kd_one(pp, bb, tv, j))(tasks))(sub_p, sub_bs, t_sub)
-                extra = jnp.sum(jnp.where(old, kd, 0.0)) / jnp.maximum(jnp.sum(old), 1)
-            acc = jnp.mean(jnp.argmax(mixed, -1) == y)
-            return ce + cfg.distill_beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
+    return counts
 
-        (loss, (new_bs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        batch_stats = jax.tree.map(lambda a, n: a.at[slots].set(n), batch_stats, new_bs)
-        updates, opt_state = tx.update(grads, opt_state, params, mask=trn_mask)
-        params = optax.apply_updates(params, updates)
-        return (params, batch_stats, opt_state), {"loss": loss, **metrics}
 
-    return jax.jit(step, donate_argnums=(0,))
+def make_stats_counts(cfg: ExpertsConfig) -> Callable:
+    """``counts(router, x, y, valid, true_task, seen) -> {"to_expert": (E,)}``: routing statistics' column, jitted.
+
+    An input routed to a task that several experts share (a tie of their
+    prototypes) counts for each by its soft top-k weight.
+    """
+
+    @jax.jit
+    def counts(router, x, y, valid, true_task, seen):
+        emb = embed(router["projection"], x)
+        expert, task = route(router, emb)
+        w = task_weights(router, emb, task, cfg.top_k, cfg.route_temperature)
+        single = router["membership"][:, task].sum(0) < 2
+        share = jnp.where(single[:, None], jax.nn.one_hot(expert, w.shape[-1]), w)
+        return {"to_expert": jnp.sum(jnp.where(valid[:, None], share, 0.0), axis=0)}
+
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
 class Experts:
-    """Everything static about a run: the expert network, compiled steps and evaluators."""
+    """Everything static about a run: the expert network, compiled steps and counts functions."""
 
     cfg: ExpertsConfig
     scenario: Scenario
     model: Any
     block_size: int
     num_experts: int
-    steps: dict[str, Callable]
     tx: Any
-    route_fn: Callable
-    probs_fn: Callable
-    weights_fn: Callable
+    steps: dict[bool, Callable]  # keyed by "distil (LwF)"
+    counts: Callable
+    stats_counts: Callable
 
     @property
     def task_count(self) -> int:
@@ -300,26 +372,20 @@ class Experts:
 
 
 def setup(cfg: ExpertsConfig, scenario: Scenario) -> Experts:
-    """Expert network, compiled steps and evaluators for ``cfg`` on ``scenario``."""
+    """Expert network, compiled steps and counts functions for ``cfg`` on ``scenario``."""
     k, T = block_size_of(scenario), scenario.task_count
     model = models.build("mlp", k * T, T, hidden=tuple(cfg.hidden))
-    E = cfg.max_experts or T
-    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
+    mean, std = (jnp.asarray(a, jnp.float32) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr)
-    steps = {"plain": make_expert_step(model, cfg, k, T, mean, std, tx, distill=False),
-             "distill": make_expert_step(model, cfg, k, T, mean, std, tx, distill=True)}
-    mean_a, std_a = jnp.asarray(mean), jnp.asarray(std)
 
-    @jax.jit
-    def probs_fn(pool, router, x, task, slots):
-        w = slot_weights(router, embed(router["projection"], x), task, slots, cfg.top_k, cfg.route_temperature)
-        return jnp.exp(mixture_log_probs(model, pool, slots, w, batching.to_float(x, mean_a, std_a), task, k))
+    def prepare(batch: training.Batch, key: jax.Array, ctx: Context) -> Inputs:
+        w = task_weights(ctx.router, embed(ctx.router["projection"], batch.x), ctx.task, cfg.top_k,
+                         cfg.route_temperature)
+        return Inputs(batching.augment(key, batch.x, mean, std, False), batch.y, jnp.take(w, ctx.slots, axis=1))
 
-    @jax.jit
-    def weights_fn(router, x, task, slots):
-        return slot_weights(router, embed(router["projection"], x), task, slots, cfg.top_k, cfg.route_temperature)
-
-    return Experts(cfg, scenario, model, k, E, steps, tx, jax.jit(route_experts), probs_fn, weights_fn)
+    steps = {d: training.make_step(make_loss(model, cfg, k, T, d), tx, prepare) for d in (False, True)}
+    return Experts(cfg, scenario, model, k, cfg.max_experts or T, tx, steps, make_counts(model, cfg, k, mean, std),
+                   make_stats_counts(cfg))
 
 
 def init_state(ex: Experts, key: jax.Array) -> PyTree:
@@ -328,18 +394,12 @@ def init_state(ex: Experts, key: jax.Array) -> PyTree:
     params, batch_stats = init_pool(ex.model, k_pool, ex.scenario.input_shape, ex.num_experts)
     T, E, K = ex.task_count, ex.num_experts, ex.cfg.prototypes
     in_dim = int(np.prod(ex.scenario.input_shape))
-    projection = random_projection(k_proj, in_dim, ex.cfg.embed_dim)
-    d = ex.cfg.embed_dim or in_dim
-    router = {"projection": projection, "prototypes": jnp.zeros((T, K, d), jnp.float32),
+    router = {"projection": random_projection(k_proj, in_dim, ex.cfg.embed_dim),
+              "prototypes": jnp.zeros((T, K, ex.cfg.embed_dim or in_dim), jnp.float32),
               "radius": jnp.full((T,), jnp.inf, jnp.float32), "membership": jnp.zeros((E, T), bool),
               "seen": jnp.zeros((T,), bool)}
     return {"params": params, "batch_stats": batch_stats, "router": router,
             "counts": jnp.zeros((E, T), jnp.float32), "active": jnp.zeros((E,), bool)}
-
-
-def slots_of(membership: np.ndarray, task: int) -> np.ndarray:
-    """The experts serving ``task`` (int32 ids)."""
-    return np.flatnonzero(np.asarray(membership)[:, task]).astype(np.int32)
 
 
 def stats_split(ex: Experts, task) -> Split:
@@ -357,35 +417,21 @@ def _embed_all(projection, x: np.ndarray) -> jax.Array:
     return jnp.concatenate([_embed_jit(projection, x[i:i + 4096]) for i in range(0, len(x), 4096)])
 
 
-def routing_statistics(ex: Experts, state: PyTree, seen: int) -> np.ndarray:
-    """``C (E, T)``: held-out inputs of each seen task routed to each expert.
-
-    An input routed to a task that several experts share (they hold the same
-    prototypes, a tie for ``argmax``) counts for each by its soft top-k weight.
-    """
-    E, T = ex.num_experts, ex.task_count
-    membership = np.asarray(state["router"]["membership"])
-    counts = np.zeros((E, T), np.float64)
-    for j in range(seen):
-        split = stats_split(ex, ex.scenario.tasks[j])
-        for x, _, valid in training.pad_batches(split.x, split.y, ex.cfg.eval_batch_size):
-            expert, task = (np.asarray(a) for a in ex.route_fn(state["router"], x))
-            for r in np.unique(task[valid]):
-                rows = valid & (task == r)
-                slots = slots_of(membership, int(r))
-                if len(slots) < 2:
-                    counts[:, j] += np.bincount(expert[rows], minlength=E)
-                    continue
-                w = np.asarray(ex.weights_fn(state["router"], x, jnp.int32(r), jnp.asarray(slots)))
-                counts[slots, j] += w[rows].sum(0)
+def routing_statistics(ex: Experts, router: PyTree, seen: int) -> np.ndarray:
+    """``C (E, T)``: held-out inputs of each seen task routed to each expert."""
+    splits = [stats_split(ex, ex.scenario.tasks[j]) for j in range(seen)]
+    counts = np.zeros((ex.num_experts, ex.task_count), np.float64)
+    for j, (c, _) in enumerate(evaluation.counts_per_split(ex.stats_counts, (router,), splits, seen,
+                                                           ex.cfg.eval_batch_size)):
+        if c is not None:
+            counts[:, j] = c["to_expert"]
     return counts
 
 
 def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
-               progress: bool = True) -> tuple[PyTree, dict]:
+               progress: bool = False) -> tuple[PyTree, dict]:
     """Allocate experts for task ``t``, add its prototypes, train; returns the new state and a summary."""
     cfg, task = ex.cfg, ex.scenario.tasks[t]
-    start = time.perf_counter()
     k_km, k_train = jax.random.split(key)
     router = dict(state["router"])
     active = np.asarray(state["active"]).copy()
@@ -400,108 +446,68 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     protos = spherical_kmeans(k_km, z, min(cfg.prototypes, len(z)), cfg.kmeans_iters)
     protos = jnp.concatenate([protos, jnp.repeat(protos[:1], cfg.prototypes - protos.shape[0], 0)])
     own = jnp.max(z @ protos.T, axis=1)
-    old = membership[experts].copy()  # earlier tasks of the chosen experts (LwF when reused)
+    old = membership[np.sort(experts)].copy()  # earlier tasks of the chosen experts (LwF when reused)
     membership[experts, t] = True
     active[experts] = True
     router.update(prototypes=router["prototypes"].at[t].set(protos),
                   radius=router["radius"].at[t].set(jnp.quantile(own, cfg.radius_quantile)),
                   membership=jnp.asarray(membership), seen=router["seen"].at[t].set(True))
-    # 3. train the chosen experts on the task (soft top-k mixture when several)
-    slots = slots_of(membership, t)  # == sorted(experts)
-    old = old[np.argsort(experts)]
+    # 3. train the chosen experts on the task (soft top-k mixture when several), LwF on their earlier tasks
+    slots = np.flatnonzero(membership[:, t]).astype(np.int32)  # == sorted(experts)
     distill = bool(old.any())
-    route = {"router": router, "slots": jnp.asarray(slots), "old": jnp.asarray(old)}
-    rows = np.isin(np.arange(ex.num_experts), experts)
-    trn = jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(rows).reshape((-1,) + (1,) * (a.ndim - 1)), a.shape),
+    rows = jnp.asarray(np.isin(np.arange(ex.num_experts), experts))
+    trn = jax.tree.map(lambda a: jnp.broadcast_to(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape),
                        state["params"])
-    # a copy: the carry's buffers are donated to the step
-    teacher = None
+    teacher = None  # a copy: the carry's buffers are donated to the step
     if distill:
         teacher = jax.tree.map(jnp.copy, {"params": state["params"], "batch_stats": state["batch_stats"]})
-    params, batch_stats = state["params"], state["batch_stats"]
-    carry = (params, batch_stats, ex.tx.init(params))
-
-    def tagged(m):
-        if log is not None:
-            log({"task": t, "phase": "train", **m})
-
-    params, batch_stats, _ = training.run_phase(
-        ex.steps["distill" if distill else "plain"], carry, task.train, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        base_lr=cfg.lr, milestone=cfg.lr_milestone, key=k_train, task=t, fwd_mask=route, trn_mask=trn,
-        teacher_vars=teacher, desc=f"task {t} experts {experts}", log=tagged, progress=progress)
+    ctx = Context(jnp.int32(t), router, jnp.asarray(slots), trn, jnp.asarray(old) if distill else None, teacher)
+    phase = training.Phase(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_milestone)
+    tagged = None if log is None else (lambda m: log({"task": t, "phase": "train", **m}))
+    carry = (state["params"], state["batch_stats"], ex.tx.init(state["params"]))
+    params, batch_stats, _ = training.run_phase(ex.steps[distill], carry, task.train, ctx, phase, k_train,
+                                                desc=f"task {t} experts {experts}", log=tagged, progress=progress)
+    counts = routing_statistics(ex, router, t + 1)
     state = {"params": params, "batch_stats": batch_stats, "router": router,
-             "counts": state["counts"], "active": jnp.asarray(active)}
-    counts = routing_statistics(ex, state, t + 1)
-    state["counts"] = jnp.asarray(counts, jnp.float32)
-    info = {"task": t, "experts": experts, "decision": decision, **alloc,
-            "specialization": np.asarray(routing.specialization_entropy(counts)), "routing_counts": counts,
-            "active_experts": int(active.sum()), "seconds": time.perf_counter() - start}
+             "counts": jnp.asarray(counts, jnp.float32), "active": jnp.asarray(active)}
+    info = {"task": t, "experts": experts, "decision": decision, "fit_share": np.asarray(alloc["fit_share"]),
+            "entropy_if_reused": np.asarray(alloc["entropy_if_reused"]),
+            "specialization": np.asarray(routing.specialization_entropy(counts)), "routing_counts": np.asarray(counts),
+            "active_experts": int(active.sum())}
     return state, info
 
 
-# --- Evaluation ----------------------------------------------------------------------------------
-
-
-def _bucket(n: int, cap: int) -> int:
-    """Padded size for a group of ``n`` rows: the next power of two (at least 8, at most ``cap``)."""
-    return min(cap, max(8, 1 << (n - 1).bit_length()))
-
-
-def predict(ex: Experts, state: PyTree, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Class-incremental prediction of one batch: route each input, run only its task's expert(s).
-
-    Returns ``expert`` (routed), ``task`` (inferred), ``cls`` (local class) and
-    ``activated`` (experts run) per input. Inputs are grouped by inferred task
-    and each group runs padded to a power of two (few compiled shapes).
-    """
-    expert, task = (np.asarray(a) for a in ex.route_fn(state["router"], x))
-    membership = np.asarray(state["router"]["membership"])
-    cls = np.zeros(len(x), np.int32)
-    activated = np.zeros(len(x), np.int32)
-    pool = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    for j in np.unique(task):
-        rows = np.flatnonzero(task == j)
-        slots = jnp.asarray(slots_of(membership, int(j)))
-        size = _bucket(len(rows), max(len(x), 8))
-        for s in range(0, len(rows), size):
-            part = rows[s:s + size]
-            xb = np.zeros((size, *x.shape[1:]), x.dtype)
-            xb[: len(part)] = x[part]
-            p = ex.probs_fn(pool, state["router"], xb, jnp.int32(j), slots)
-            cls[part] = np.asarray(jnp.argmax(p, -1))[: len(part)]
-        activated[rows] = len(slots)
-    return {"expert": expert, "task": task, "cls": cls, "activated": activated}
-
-
 def evaluate(ex: Experts, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
-    """Per split: ``til``, ``cil`` (right task and class), ``routing`` (routed to an expert of the true task),
-    ``task_id`` (inferred task right) and ``activated`` (mean experts run per prediction)."""
-    task_ids = range(len(splits)) if task_ids is None else list(task_ids)
-    membership = np.asarray(state["router"]["membership"])
+    """Per split, every rule of ``RULES`` (``make_counts``; ``activated`` as experts per prediction); NaN if unseen."""
+    task_ids = list(range(len(splits)) if task_ids is None else task_ids)
+    done = [i for i, j in enumerate(task_ids) if j < seen]
     pool = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    out: dict[str, list[float]] = {k: [] for k in ("til", "cil", "routing", "task_id", "activated")}
-    batch_size = max(1, min(ex.cfg.eval_batch_size, max(len(s) for s in splits)))  # one shape, little padding
-    for j, split in zip(task_ids, splits):
-        if j >= seen or len(split) == 0:
-            for k in out:
-                out[k].append(np.nan)
-            continue
-        slots = jnp.asarray(slots_of(membership, j))
-        tot = dict.fromkeys(out, 0.0)
-        for x, y, v in training.pad_batches(split.x, split.y, batch_size):
-            p = ex.probs_fn(pool, state["router"], x, jnp.int32(j), slots)
-            tot["til"] += np.sum(v & (np.asarray(jnp.argmax(p, -1)) == y))
-            pr = predict(ex, state, x)
-            tot["cil"] += np.sum(v & (pr["task"] == j) & (pr["cls"] == y))
-            tot["routing"] += np.sum(v & membership[pr["expert"], j])
-            tot["task_id"] += np.sum(v & (pr["task"] == j))
-            tot["activated"] += np.sum(np.where(v, pr["activated"], 0))
-        for k in out:
-            out[k].append(tot[k] / len(split))
-    return {k: np.asarray(v, float) for k, v in out.items()}
+    acc = evaluation.accuracies(ex.counts, (pool, state["router"]), [splits[i] for i in done], seen,
+                                ex.cfg.eval_batch_size, [task_ids[i] for i in done])
+    out = {r: np.full(len(splits), np.nan) for r in RULES}
+    for r, values in acc.items():
+        out[r][done] = values
+    return out
 
 
-# --- Compute per prediction ----------------------------------------------------------------------
+# --- Size and compute per prediction -------------------------------------------------------------
+
+
+def mlp_params(hidden, num_outputs: int, num_tasks: int, input_shape) -> int:
+    """Parameter count of ``models.MLP`` (shapes only, nothing initialised)."""
+    model = models.build("mlp", num_outputs, num_tasks, hidden=tuple(hidden))
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), tuple(input_shape))[0])
+    return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def pool_params(cfg: ExpertsConfig, scenario: Scenario) -> dict[str, int]:
+    """Stored parameters of the expert pool: experts, projection, prototypes (+ radii)."""
+    T, k = scenario.task_count, block_size_of(scenario)
+    in_dim = int(np.prod(scenario.input_shape))
+    out = {"experts": (cfg.max_experts or T) * mlp_params(cfg.hidden, k * T, T, scenario.input_shape),
+           "projection": in_dim * cfg.embed_dim, "prototypes": T * cfg.prototypes * (cfg.embed_dim or in_dim) + T}
+    out["total"] = sum(out.values())
+    return out
 
 
 def mlp_flops(in_dim: int, hidden, out_dim: int) -> int:
@@ -522,6 +528,44 @@ def compiled_flops(fn: Callable, *args) -> float:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
+
+def report(ex: Experts, state: PyTree) -> dict:
+    """FLOPs per prediction, membership, routing counts and pool size of a run.
+
+    ``flops["til"]`` runs the true task's experts (plus the router when it mixes
+    several); a class-incremental prediction costs ``flops["router"]`` plus the
+    final ``activated`` accuracy-matrix row's mean times ``flops["expert_forward"]``.
+    """
+    sc, cfg = ex.scenario, ex.cfg
+    in_dim, T = int(np.prod(sc.input_shape)), ex.task_count
+    expert = mlp_flops(in_dim, cfg.hidden, ex.block_size * T)
+    one = take({"params": state["params"], "batch_stats": state["batch_stats"]}, 0)
+    xla = compiled_flops(lambda v, x: ex.model.apply(v, x, 0, train=False), one,
+                         jnp.zeros((1, *sc.input_shape), jnp.float32))
+    membership = np.asarray(state["router"]["membership"])
+    seen = np.asarray(state["router"]["seen"])
+    til_activated = float(np.mean(membership[:, seen].sum(0))) if seen.any() else 0.0
+    router = router_flops(in_dim, cfg.embed_dim, T * cfg.prototypes)
+    return {"flops": {"til": til_activated * expert + (router if til_activated > 1 else 0),
+                      "expert_forward": expert, "router": router, "xla_expert_forward": xla},
+            "membership": membership.tolist(), "routing_counts": np.asarray(state["counts"], float).tolist()}
+
+
+def describe(info: dict) -> str:
+    """The per-task line's extras: the task's experts, the decision, the active experts."""
+    return f"experts {info['experts']} ({info['decision']}), {info['active_experts']} active"
+
+
+def learner(cfg: ExpertsConfig, scenario: Scenario) -> Learner:
+    """The expert pool as a ``Learner`` (rules ``RULES``; ``report`` gives FLOPs, membership, routing counts)."""
+    ex = setup(cfg, scenario)
+    tests = [task.test for task in scenario.tasks]
+    return Learner(
+        name="experts", rules=RULES[:4], init_state=lambda key: init_state(ex, key),
+        learn_task=lambda state, t, key, **kw: learn_task(ex, state, t, key, **kw),
+        evaluate=lambda state, seen: evaluate(ex, state, tests, seen),
+        param_counts=lambda state: pool_params(cfg, scenario), report=lambda state, infos: report(ex, state),
+        describe=describe, **scenario_fields(scenario))
 
 # --- Knowledge preservation ----------------------------------------------------------------------
 
@@ -631,28 +675,19 @@ def transfer_batch_stats(old: PyTree, new: PyTree, task: int) -> PyTree:
     return jax.tree_util.tree_map_with_path(leaf, new)
 
 
-def make_distill_step(apply_new: Callable, apply_old: Callable, block_size: int, mean, std, tx, temperature: float):
-    """Pure distillation step (no labels) of an old model's block into the new model's gated sub-network,
-    with ``training.make_train_step``'s signature; the teacher slot holds the old variables."""
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
 
-    def step(carry, x, y, key, task, fwd_mask, trn_mask, old_vars):
-        params, batch_stats, opt_state = carry
-        xf = batching.to_float(x, mean, std)
-        t = jax.lax.stop_gradient(training.block(apply_old(old_vars, xf, task, train=False), task, block_size))
 
-        def loss_fn(p):
-            logits, new = apply_new({"params": masks.gate(p, fwd_mask), "batch_stats": batch_stats}, xf, task,
-                                    train=True, mutable=["batch_stats"])
-            z = training.block(logits, task, block_size)
-            agree = jnp.mean(jnp.argmax(z, -1) == jnp.argmax(t, -1))
-            return losses.kd_kl(z, t, temperature), (new["batch_stats"], {"acc": agree})
+def make_distill_loss(apply_new: Callable, block_size: int, temperature: float) -> Callable:
+    """Pure distillation (no labels) of the frozen old model's block (``inputs.teacher``) into ``ctx.forward``."""
 
-        (loss, (batch_stats, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, mask=trn_mask)
-        return (optax.apply_updates(params, updates), batch_stats, opt_state), {"loss": loss, **m}
+    def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: mind.Context):
+        logits, new = apply_new({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats}, inputs.x,
+                                ctx.task, train=True, mutable=["batch_stats"])
+        z = training.block(logits, ctx.task, block_size)
+        agree = jnp.mean(jnp.argmax(z, -1) == jnp.argmax(inputs.teacher, -1))
+        return losses.kd_kl(z, inputs.teacher, temperature), (new["batch_stats"], {"acc": agree})
 
-    return jax.jit(step, donate_argnums=(0,))
+    return loss_fn
 
 
 def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: jax.Array, *, old_task: int = 0,
@@ -682,10 +717,10 @@ def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: ja
         method = "copy" if all(v == "copy" for v in plan.values()) else "distill"
     if method not in ("copy", "distill", "none"):
         raise ValueError(f"unknown preservation method {method!r}; expected copy, distill, auto or none")
-    old_eval = training.make_dense_eval(old_model.apply, k, mean, std)
-    new_eval = training.make_dense_eval(new_model.apply, k, mean, std)
+    old_counts = evaluation.make_block_counts(old_model.apply, k, mean, std)
+    new_counts = evaluation.make_block_counts(new_model.apply, k, mean, std)
     info = {"method": method, "importance": importance_kind, "keep": keep,
-            "old_acc": training.dense_accuracy(old_eval, old_vars, old_t.test, old_task, eval_batch_size),
+            "old_acc": evaluation.block_accuracy(old_counts, old_vars, old_t.test, old_task, eval_batch_size),
             "plan": plan}
     tx = training.make_optimizer("adam", lr)
     if method == "copy":
@@ -704,25 +739,27 @@ def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: ja
         owner = masks.assign(owner, kinds, old_task, old_task + max(1, int(round(1 / max(keep, 1e-9)))),
                              policy="random", key=k_sel)
         params = masks.reinit_assigned(params, owner, kinds, old_task, "keep")
-        step = make_distill_step(new_model.apply, old_model.apply, k, mean, std, tx, temperature)
-        fwd, trn = masks.forward_mask(owner, old_task), masks.trainable_mask(owner, old_task)
-        carry = (params, batch_stats, tx.init(params))
+        teacher = lambda ctx, x: training.block(old_model.apply(ctx.teacher, x, ctx.task, train=False),  # noqa: E731
+                                                ctx.task, k)
+        step = training.make_step(make_distill_loss(new_model.apply, k, temperature), tx,
+                                  training.augmenting(mean, std, teacher=teacher))
+        ctx = mind.Context(jnp.int32(old_task), masks.forward_mask(owner, old_task),
+                           masks.trainable_mask(owner, old_task), old_vars)
         params, batch_stats, _ = training.run_phase(
-            step, carry, new_t.train, epochs=distill_epochs or epochs, batch_size=batch_size, base_lr=lr,
-            milestone=0.7, key=k_dist, task=old_task, fwd_mask=fwd, trn_mask=trn, teacher_vars=old_vars,
-            desc="distill old model", progress=progress)
+            step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
+            training.Phase(distill_epochs or epochs, batch_size, lr, 0.7), k_dist, desc="distill old model",
+            progress=progress)
     gated_now = {"params": masks.gate(params, masks.forward_mask(owner, old_task)), "batch_stats": batch_stats}
-    info["transferred_acc"] = training.dense_accuracy(new_eval, gated_now, old_t.test, old_task, eval_batch_size)
+    info["transferred_acc"] = evaluation.block_accuracy(new_counts, gated_now, old_t.test, old_task, eval_batch_size)
     # continue learning: the new task takes every weight the old task does not own
     owner = masks.assign(owner, kinds, new_task, new_task + 1, policy="random", key=k_sel)
-    spec = training.StepSpec(new_model.apply, k, mean, std, loss="ce")
-    fwd, trn = masks.forward_mask(owner, new_task), masks.trainable_mask(owner, new_task)
-    carry = (params, batch_stats, tx.init(params))
-    params, batch_stats, _ = training.run_phase(
-        training.make_train_step(spec, tx), carry, new_t.train, epochs=epochs, batch_size=batch_size, base_lr=lr,
-        milestone=0.7, key=k_train, task=new_task, fwd_mask=fwd, trn_mask=trn, desc="continue", progress=progress)
+    ctx = mind.Context(jnp.int32(new_task), masks.forward_mask(owner, new_task), masks.trainable_mask(owner, new_task))
+    step = training.make_step(mind.make_loss(new_model.apply, k), tx, training.augmenting(mean, std))
+    params, batch_stats, _ = training.run_phase(step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
+                                                training.Phase(epochs, batch_size, lr, 0.7), k_train, desc="continue",
+                                                progress=progress)
     for name, t, split in (("retained_acc", old_task, old_t.test), ("new_task_acc", new_task, new_t.test)):
         v = {"params": masks.gate(params, masks.forward_mask(owner, t)), "batch_stats": batch_stats}
-        info[name] = training.dense_accuracy(new_eval, v, split, t, eval_batch_size)
+        info[name] = evaluation.block_accuracy(new_counts, v, split, t, eval_batch_size)
     info["retained_fraction"] = info["retained_acc"] / max(info["old_acc"], 1e-9)
     return info

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,8 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import losses, masks, models, parallel, training
+from modkd_jax import evaluation, losses, masks, models, parallel, training
+from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
@@ -84,6 +85,21 @@ class MindConfig:
             raise ValueError("epochs, distill_epochs and batch_size must be at least 1")
 
 
+# Per-dataset presets: MindConfig fields plus the scenario's task count and validation share. CIFAR-100
+# is the paper's protocol (whole training split, crop + flip + brightness 63/255, the reference's tau
+# 6.5); datasets without a reference tau choose it on the seen tasks' validation split (None).
+REFERENCE_BRIGHTNESS = 63 / 255
+_SMALL = dict(arch="mlp", epochs=5, distill_epochs=5, batch_size=128, lr=0.001, distill_lr=0.005, crop_flip=False,
+              brightness=0.0, temperature=None, task_count=5, val_fraction=0.1)
+PRESETS = {
+    "cifar100": dict(task_count=10, val_fraction=0.0, brightness=REFERENCE_BRIGHTNESS),
+    "cifar10": dict(task_count=5, val_fraction=0.1, brightness=REFERENCE_BRIGHTNESS, temperature=None),
+    "mnist": _SMALL,
+    "fashion_mnist": _SMALL,
+    "digits": {**_SMALL, "epochs": 30, "distill_epochs": 30, "batch_size": 64, "hidden": (128, 128)},
+}
+
+
 def block_size_of(scenario: Scenario) -> int:
     """The common class-block size; MIND's one compiled step needs equal blocks."""
     sizes = set(scenario.block_sizes)
@@ -97,9 +113,34 @@ def _build(cfg: MindConfig, num_outputs: int, num_tasks: int):
     return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
 
 
+class Context(NamedTuple):
+    """What one MIND train step needs besides the batch: task id, masks, the frozen teacher."""
+
+    task: jax.Array  # int32 scalar
+    forward: PyTree  # weights that compute (bool per weight)
+    trainable: PyTree  # weights that are updated (the gate of ``optim.gated``)
+    teacher: PyTree = None  # frozen teacher variables (distillation phases)
+
+
+def make_loss(apply_fn: Callable, block_size: int, kind: str = "ce", beta: float = 0.0,
+              temperature: float = 1.0) -> Callable:
+    """CE on the task's class block, plus ``beta * losses.distillation(kind, ..., temperature)`` unless ``kind='ce'``."""
+
+    def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: Context):
+        logits, new = apply_fn({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats},
+                               inputs.x, ctx.task, train=True, mutable=["batch_stats"])
+        z = training.block(logits, ctx.task, block_size)
+        ce = losses.cross_entropy(z, inputs.y)
+        extra = jnp.zeros(()) if kind == "ce" else losses.distillation(kind, z, inputs.teacher, temperature)
+        acc = jnp.mean(jnp.argmax(z, -1) == inputs.y)
+        return ce + beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
+
+    return loss_fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Mind:
-    """Everything static about a run: networks, compiled steps and evaluators. Build once per run."""
+    """Everything static about a run: networks, compiled steps and counts functions. Build once per run."""
 
     cfg: MindConfig
     scenario: Scenario
@@ -108,10 +149,11 @@ class Mind:
     kinds: PyTree
     block_size: int
     steps: dict[str, Callable]
-    subnet_eval: Callable
-    tau_eval: Callable
-    teacher_eval: Callable
-    student_eval: Callable
+    txs: dict[str, Any]
+    subnet_counts: Callable
+    tau_counts: Callable
+    teacher_counts: Callable
+    student_counts: Callable
 
     @property
     def task_count(self) -> int:
@@ -119,7 +161,7 @@ class Mind:
 
 
 def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind:
-    """Networks, compiled steps and evaluators for ``cfg`` on ``scenario``.
+    """Networks, compiled steps and counts functions for ``cfg`` on ``scenario``.
 
     With a ``mesh`` (``parallel.make_mesh``) the same steps and evaluators run
     data-parallel: batches split along ``data``, everything else replicated.
@@ -137,41 +179,39 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     if cfg.temperature is None and any(len(task.val.y) == 0 for task in scenario.tasks):
         raise ValueError("choosing the inference temperature needs validation data: pass --val_fraction > 0 "
                          "or a fixed --temperature")
-    common = dict(block_size=k, mean=mean, std=std, crop_flip=cfg.crop_flip, brightness=cfg.brightness,
-                  beta=cfg.beta, temperature=cfg.distill_temperature)
-    tx_teacher = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
-    tx_distill = training.make_optimizer(cfg.optimizer, cfg.distill_lr, cfg.weight_decay)
-
+    txs = {"teacher": training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay),
+           "distill": training.make_optimizer(cfg.optimizer, cfg.distill_lr, cfg.weight_decay)}
     batch_bn = cfg.teacher_bn == "batch"  # train-mode BN: batch statistics, the updated running ones dropped
 
     def frozen_logits(apply_fn, v, x, task):
         out = apply_fn(v, x, task, train=batch_bn, mutable=["batch_stats"] if batch_bn else False)
         return out[0] if batch_bn else out
 
-    def teacher_logits(v, x, task):
-        return frozen_logits(teacher.apply, v, x, 0)
+    def teacher_logits(ctx, x):
+        return frozen_logits(teacher.apply, ctx.teacher, x, 0)
 
-    def self_teacher_logits(v, x, task):
-        return training.block(frozen_logits(student.apply, v, x, task), task, k)
+    def self_teacher_logits(ctx, x):
+        return training.block(frozen_logits(student.apply, ctx.teacher, x, ctx.task), ctx.task, k)
 
+    aug = dict(mean=mean, std=std, crop_flip=cfg.crop_flip, brightness=cfg.brightness)
+    ce_teacher, ce_student = make_loss(teacher.apply, k), make_loss(student.apply, k)
+    distill = make_loss(student.apply, k, cfg.distill_loss, cfg.beta, cfg.distill_temperature)
     steps = {
-        "teacher": training.make_train_step(training.StepSpec(teacher.apply, loss="ce", **common), tx_teacher),
-        "self_train": training.make_train_step(training.StepSpec(student.apply, loss="ce", **common), tx_teacher),
-        "distill": training.make_train_step(training.StepSpec(student.apply, loss=cfg.distill_loss, **common),
-                                            tx_distill, teacher_logits),
-        "self_distill": training.make_train_step(training.StepSpec(student.apply, loss=cfg.distill_loss, **common),
-                                                 tx_distill, self_teacher_logits),
+        "teacher": training.make_step(ce_teacher, txs["teacher"], training.augmenting(**aug)),
+        "self_train": training.make_step(ce_student, txs["teacher"], training.augmenting(**aug)),
+        "distill": training.make_step(distill, txs["distill"], training.augmenting(**aug, teacher=teacher_logits)),
+        "self_distill": training.make_step(distill, txs["distill"],
+                                           training.augmenting(**aug, teacher=self_teacher_logits)),
     }
-    evals = (training.make_subnet_eval(student.apply, T, k, mean, std),
-             training.make_tau_eval(student.apply, T, k, mean, std),
-             training.make_dense_eval(teacher.apply, k, mean, std),
-             training.make_dense_eval(student.apply, k, mean, std))
+    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std),
+              evaluation.make_tau_counts(student.apply, T, k, mean, std),
+              evaluation.make_block_counts(teacher.apply, k, mean, std),
+              evaluation.make_block_counts(student.apply, k, mean, std))
     if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
         steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
-        evals = (*(parallel.data_parallel(e, mesh, batch_argnums=(3, 4, 5), donate_argnums=()) for e in evals[:2]),
-                 *(parallel.data_parallel(e, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for e in evals[2:]))
-    steps["tx_teacher"], steps["tx_distill"] = tx_teacher, tx_distill
-    return Mind(cfg, scenario, student, teacher, kinds, k, steps, *evals)
+        counts = (*(parallel.data_parallel(c, mesh, batch_argnums=(3, 4, 5), donate_argnums=()) for c in counts[:2]),
+                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[2:]))
+    return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, *counts)
 
 
 def init_state(mind: Mind, key: jax.Array) -> PyTree:
@@ -189,16 +229,17 @@ def copy_bn_row(params: PyTree, kinds: PyTree, batch_stats: PyTree, t: int) -> t
     return params, jax.tree.map(copy, batch_stats)
 
 
-def _phase(mind: Mind, name: str, carry, split, *, epochs, lr, milestone, key, task, fwd, trn,
-           teacher_vars=None, log=None, progress=True):
-    def tagged(m):
-        if log is not None:
-            log({"task": task, "phase": name, **m})
-
-    return training.run_phase(mind.steps[name], carry, split, epochs=epochs, batch_size=mind.cfg.batch_size,
-                              base_lr=lr, milestone=milestone, key=key, task=task, fwd_mask=fwd, trn_mask=trn,
-                              teacher_vars=teacher_vars, desc=f"task {task} {name}", log=tagged,
-                              progress=progress, drop_last=mind.cfg.drop_last)
+def _phase(mind: Mind, name: str, t: int, params, batch_stats, split, ctx: Context, key, log, progress):
+    """One training phase of task ``t`` (teacher / self-training or distillation); returns the carry."""
+    cfg = mind.cfg
+    distilling = name in ("distill", "self_distill")
+    phase = training.Phase(cfg.distill_epochs if distilling else cfg.epochs, cfg.batch_size,
+                           cfg.distill_lr if distilling else cfg.lr,
+                           cfg.distill_milestone if distilling else cfg.lr_milestone, cfg.drop_last)
+    tagged = None if log is None else (lambda m: log({"task": t, "phase": name, **m}))
+    carry = (params, batch_stats, mind.txs["distill" if distilling else "teacher"].init(params))
+    return training.run_phase(mind.steps[name], carry, split, ctx, phase, key, desc=f"task {t} {name}",
+                              log=tagged, progress=progress)
 
 
 def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
@@ -211,15 +252,15 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         params, batch_stats = copy_bn_row(params, mind.kinds, batch_stats, t)
     info: dict[str, Any] = {"task": t}
     start = time.perf_counter()
+    t_arr = jnp.int32(t)
     if not cfg.self_distillation:
         t_params, t_bs = models.init(mind.teacher, k_teacher, mind.scenario.input_shape)
         full = masks.full_mask(t_params)
-        carry = (t_params, t_bs, mind.steps["tx_teacher"].init(t_params))
-        carry = _phase(mind, "teacher", carry, task.train, epochs=cfg.epochs, lr=cfg.lr, milestone=cfg.lr_milestone,
-                       key=k_phase1, task=0, fwd=full, trn=full, log=log, progress=progress)
+        carry = _phase(mind, "teacher", t, t_params, t_bs, task.train, Context(jnp.int32(0), full, full), k_phase1,
+                       log, progress)
         teacher_vars = {"params": carry[0], "batch_stats": carry[1]}
-        info["teacher_val_acc"] = training.dense_accuracy(mind.teacher_eval, teacher_vars, task.val, 0,
-                                                          cfg.eval_batch_size)
+        info["teacher_val_acc"] = evaluation.block_accuracy(mind.teacher_counts, teacher_vars, task.val, 0,
+                                                            cfg.eval_batch_size)
         # Magnitude ranks the *trained* teacher's kernels (same shapes as the student's gated layers).
         owner = masks.assign(owner, mind.kinds, t, mind.task_count, policy=cfg.policy, key=k_sel,
                              weights=teacher_vars["params"] if cfg.policy == "magnitude" else None)
@@ -230,32 +271,28 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         # Train the dense student (tasks < t frozen, all free weights trainable) on the task ...
         owned_or_free = jax.tree.map(lambda o: (o <= t), owner)  # FREE (-1) <= t too
         trainable = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
-        carry = (params, batch_stats, mind.steps["tx_teacher"].init(params))
-        params, batch_stats, _ = _phase(mind, "self_train", carry, task.train, epochs=cfg.epochs, lr=cfg.lr,
-                                        milestone=cfg.lr_milestone, key=k_phase1, task=t, fwd=owned_or_free,
-                                        trn=trainable, log=log, progress=progress)
+        params, batch_stats, _ = _phase(mind, "self_train", t, params, batch_stats, task.train,
+                                        Context(t_arr, owned_or_free, trainable), k_phase1, log, progress)
         # a snapshot: the distillation step donates (and so invalidates) the student's own buffers
         teacher_vars = {"params": masks.gate(params, owned_or_free), "batch_stats": jax.tree.map(jnp.copy, batch_stats)}
         # ... keep the largest trained |w| among the free weights, and distil the dense net into them.
         owner = masks.assign(owner, mind.kinds, t, mind.task_count, policy="magnitude", weights=params)
         distill_step = "self_distill"
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
-    carry = (params, batch_stats, mind.steps["tx_distill"].init(params))
-    params, batch_stats, _ = _phase(mind, distill_step, carry, task.train, epochs=cfg.distill_epochs,
-                                    lr=cfg.distill_lr, milestone=cfg.distill_milestone, key=k_phase2, task=t,
-                                    fwd=fwd, trn=trn, teacher_vars=teacher_vars, log=log, progress=progress)
+    params, batch_stats, _ = _phase(mind, distill_step, t, params, batch_stats, task.train,
+                                    Context(t_arr, fwd, trn, teacher_vars), k_phase2, log, progress)
     tau = state["tau"]
     if cfg.temperature is None:  # choose tau on the seen tasks' validation splits (never the test split)
-        chosen, val_cil = training.choose_tau(mind.tau_eval, params, batch_stats, owner,
-                                              [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1,
-                                              cfg.eval_batch_size, cfg.tau_grid)
+        chosen, val_cil = evaluation.choose_tau(mind.tau_counts, (params, batch_stats, owner),
+                                                [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1,
+                                                cfg.eval_batch_size, cfg.tau_grid)
         tau = jnp.float32(chosen)
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
-    info["student_val_til_acc"] = training.dense_accuracy(mind.student_eval, student_vars, task.val, t,
-                                                          cfg.eval_batch_size)
+    info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, task.val, t,
+                                                            cfg.eval_batch_size)
     info["capacity_left"] = masks.capacity_left(owner, mind.kinds)
     info["seconds"] = time.perf_counter() - start
     return state, info
@@ -266,5 +303,26 @@ def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dic
 
     The class-incremental rules read ``softmax(z / tau)`` at the state's inference temperature.
     """
-    return training.evaluate_tasks(mind.subnet_eval, state["params"], state["batch_stats"], state["owner"],
-                                   splits, seen, mind.cfg.eval_batch_size, task_ids, tau=float(state["tau"]))
+    return evaluation.accuracies(mind.subnet_counts, (state["params"], state["batch_stats"], state["owner"]),
+                                 splits, seen, mind.cfg.eval_batch_size, task_ids,
+                                 extra=(jnp.float32(float(state["tau"])),))
+
+
+def describe(info: dict) -> str:
+    """The per-task line's extras: capacity left and the inference temperature."""
+    return f"capacity left {100 * info['capacity_left']:.1f}%  tau {info['tau']:g}"
+
+
+def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
+    """MIND (or its self-distillation variant) as a ``Learner``; data-parallel over ``mesh`` if given."""
+    m = setup(cfg, scenario, mesh=mesh)
+    teacher = models.param_count(models.init(m.teacher, jax.random.key(0), scenario.input_shape)[0])
+    tests = [task.test for task in scenario.tasks]
+    return Learner(
+        name="mind_self_distillation" if cfg.self_distillation else "mind", rules=("til", "cil", "cil_entropy"),
+        init_state=lambda key: init_state(m, key),
+        learn_task=lambda state, t, key, **kw: learn_task(m, state, t, key, **kw),
+        evaluate=lambda state, seen: evaluate(m, state, tests, seen),
+        param_counts=lambda state: {"student": models.param_count(state["params"]), "teacher": teacher},
+        report=lambda state, infos: {"inference_temperature": [i["tau"] for i in infos]},
+        describe=describe, **scenario_fields(scenario))

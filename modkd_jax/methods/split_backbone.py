@@ -1,48 +1,38 @@
 """Online continual learning with a split ResNet-18: frozen, shared and per-task layers (DESIGN §1.3).
 
-The network is ``models.resnet18(K, num_tasks=1, stem="imagenet")`` (same
-parameter tree, so torchvision weights load) seen as a list of *layers* in
-forward order, each a convolution with its batch norm::
+The network is the one ``models.resnet18`` (stem of ``STEM_MODES``), seen as a
+list of *layers* in forward order, each a conv with its batch norm::
 
     stem, stage0_block0.conv1, stage0_block0.conv2, ..., stage1_block0.proj,
-    stage1_block0.conv1, stage1_block0.conv2, ..., stage3_block1.conv2, head
+    stage1_block0.conv1, ..., stage3_block1.conv2, head
 
 A budget "F-S-T" (millions of parameters) cuts the list at two layer
 boundaries (``resolve_budget``): the first layers are **frozen**, the middle
-ones **shared** and trained with a small learning rate, the last ones (always
-including the classifier head) are **copied per task** (a leading task axis on
-their leaves) and trained with a high learning rate. Cutting between a
-block's ``conv1`` and ``conv2`` is allowed; the residual of that block is then
-added in the task-specific part. Learning rates go through
-``optim.per_group_lr`` (frozen group: ``None``, i.e. ``-0.0`` updates) inside
-``optim.gated``, whose mask also keeps every task copy but the one(s) being
-trained bit-identical.
+ones **shared** (small learning rate), the last ones (always the classifier)
+**per task** (high learning rate). The groups are parameter paths
+(``SplitBackbone.plan``: module path -> group) injected into the ResNet:
 
-Batch norm: frozen layers run in eval mode with their stored statistics, which
-never change (from ``--init``/pre-training, else the initial 0/1). Shared
-layers share their weights and BN scale/bias, but keep running statistics
-*per task* (a task axis on ``stats["shared"]``): with one set for all tasks,
-MNIST's statistics were overwritten by Fashion-MNIST's and MNIST's
-accuracy with its own layers fell from 83.7% to 74.3%, all of the forgetting
-of the 6.5-2.3-2.4 split (restoring the shared weights alone: 74.4%; demo
-subset of experiments/ocl.py, seed 0). Task
-copies have their own BN parameters and statistics. Statistics move only with
-their task's examples (in a mixed batch, weighted by task membership), so the
-shared and task layers run once per task (the frozen ones once).
+* frozen: one kernel, batch norm in eval mode with one row of statistics that
+  never moves; zero updates (``optim.frozen`` inside ``optim.per_group_lr``).
+* shared: one kernel and BN scale/bias, but running statistics *per task*
+  (rows selected by the task id): with one set for all tasks, MNIST's were
+  overwritten by Fashion-MNIST's and MNIST's accuracy fell from 83.7% to 74.3%,
+  all of the forgetting of the 6.5-2.3-2.4 split (demo subset, seed 0).
+* task: kernels and BN rows with a leading task axis (``layers.Conv(num_tasks=T)``,
+  ``layers.TaskBatchNorm``), the classifier a class block of ``head_width``
+  outputs per task; ``optim.gated``'s mask keeps the other tasks' rows
+  bit-identical.
 
-Small inputs: the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool)
-takes 224 px images to 56 px. ``stem_mode`` keeps the 7x7 kernel (so
-ImageNet weights still load) and adapts the rest: ``"imagenet"`` (unchanged;
-32 px -> 8 px), ``"no_pool"`` (stride-2 conv, no max-pool; 32 px -> 16 px,
-the default) or ``"stride1"`` (stride-1 conv, no max-pool; 32 px -> 32 px,
-CIFAR-like resolution, ~4x the compute of ``no_pool``).
-
-State: ``params = {"frozen", "shared", "task"}`` and the same for
-``stats``, each a dict from layer name to that layer's leaves (``kernel``,
-``scale``, ``bias`` / ``mean``, ``var``); ``params["task"]``,
-``stats["shared"]`` and ``stats["task"]`` leaves carry the task axis. Each
-head has ``max(block_sizes)`` outputs; logits past a task's class count are
-masked.
+Statistics move only with their task's examples (a mixed batch weights them by
+task membership). Every task's network is one ``vmap`` over task ids: the
+frozen layers do not depend on the task, so they run once; shared and task
+layers once per task. Small inputs: the ImageNet stem keeps its 7x7 kernel
+(ImageNet weights load): ``"imagenet"`` (32 px -> 8 px), ``"no_pool"`` (the
+default; 16 px) or ``"stride1"`` (32 px, ~4x the compute of ``no_pool``).
+Setting 1 is a ``Learner`` (``learner``): state ``{"params", "batch_stats"}``, that
+ResNet's trees (the optimizer state starts fresh every task); the train step is
+``training.make_step``'s, evaluation ``evaluation.accuracies``'. Setting 2
+(``setting2``, one merged stream) uses the same step (mixed form) and counts.
 """
 
 from __future__ import annotations
@@ -51,23 +41,22 @@ import dataclasses
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from modkd_jax import losses, models, optim, routing
-from modkd_jax.models import layers
+from modkd_jax import evaluation, losses, models, optim, routing, training
 from modkd_jax.data import batching, merged_stream
+from modkd_jax.learner import Learner, scenario_fields
+from modkd_jax.models import layers, resnet
 
 PyTree = Any
 GROUPS = ("frozen", "shared", "task")
-STEM_MODES = {"imagenet": (2, True), "no_pool": (2, False), "stride1": (1, False)}  # (conv stride, max-pool)
-BN_EPS = 1e-5
+STEM_MODES = {k: (stride, pool) for k, (size, stride, pool) in resnet.STEMS.items() if size == 7}  # (stride, pool)
 RULES = ("til", "cil", "cil_entropy", "task_id", "task_id_entropy")
 
 
@@ -77,7 +66,7 @@ class Layer:
 
     name: str  # "stem", "stage1_block0.proj", ..., "head"
     kind: str  # "stem" | "proj" | "conv1" | "conv2" | "head"
-    stride: int
+    modules: tuple[str, ...]  # its module paths in the ResNet tree, e.g. ("stage1_block0/proj", ".../bn_proj")
     size: int  # number of parameters (kernel + BN scale/bias, or head kernel + bias)
 
 
@@ -103,6 +92,19 @@ class SplitBackbone:
         """Outputs of every head: the largest class count."""
         return max(self.block_sizes)
 
+    @property
+    def plan(self) -> dict[str, str]:
+        """The group of every module path (``"stage3_block1/conv1"`` -> ``"shared"``)."""
+        return {m: g for layer, g in zip(self.layers, self.groups) for m in layer.modules}
+
+    @property
+    def model(self) -> resnet.ResNet:
+        """The ResNet-18 of every task (class block ``t`` of the classifier is task t's head)."""
+        plan = tuple(self.plan.items())
+        return models.resnet18(self.head_width * self.num_tasks, self.num_tasks, stem=self.stem_mode,
+                               conv_impl="auto", conv=functools.partial(_conv_for, plan, self.num_tasks),
+                               norm=functools.partial(_norm_for, plan, self.bn_momentum))
+
     def layers_of(self, group: str) -> tuple[Layer, ...]:
         """The layers of ``group`` in forward order."""
         return tuple(layer for layer, g in zip(self.layers, self.groups) if g == group)
@@ -116,25 +118,35 @@ class SplitBackbone:
         return np.arange(self.head_width)[None, :] < np.asarray(self.block_sizes)[:, None]
 
 
+def _conv_for(plan: tuple, num_tasks: int, path: str):
+    """Conv constructor of ``path``: per-task kernels in the task group."""
+    return functools.partial(layers.Conv, num_tasks=num_tasks) if dict(plan)[path] == "task" else layers.Conv
+
+
+def _norm_for(plan: tuple, momentum: float, path: str):
+    """Batch norm of ``path``: frozen (eval mode, one row), shared (per-task statistics only) or per task."""
+    group = dict(plan)[path]
+    if group == "frozen":
+        return lambda num_tasks, name: layers.TaskBatchNorm(1, momentum, use_running_average=True, name=name)
+    return functools.partial(layers.TaskBatchNorm, momentum=momentum, param_rows=1 if group == "shared" else None)
+
+
 # ----------------------------------------------------------------------------- layers and budget
 
 
 def layer_list(params: PyTree) -> tuple[Layer, ...]:
     """The layers of a ``models.resnet18`` parameter tree, in forward order, with their sizes."""
     size = lambda *trees: int(sum(x.size for t in trees for x in jax.tree.leaves(t)))  # noqa: E731
-    layers = [Layer("stem", "stem", 0, size(params["stem"], params["bn_stem"]))]
+    layers_ = [Layer("stem", "stem", ("stem", "bn_stem"), size(params["stem"], params["bn_stem"]))]
     blocks = sorted((k for k in params if k.startswith("stage")),
                     key=lambda k: tuple(int(n) for n in re.findall(r"\d+", k)))
     for blk in blocks:
-        s, b = (int(n) for n in re.findall(r"\d+", blk))
-        stride = 2 if (b == 0 and s > 0) else 1
         p = params[blk]
-        if "proj" in p:
-            layers.append(Layer(f"{blk}.proj", "proj", stride, size(p["proj"], p["bn_proj"])))
-        layers.append(Layer(f"{blk}.conv1", "conv1", stride, size(p["conv1"], p["bn1"])))
-        layers.append(Layer(f"{blk}.conv2", "conv2", 1, size(p["conv2"], p["bn2"])))
-    layers.append(Layer("head", "head", 0, size(params["classifier"])))
-    return tuple(layers)
+        for kind, conv, bn in (("proj", "proj", "bn_proj"), ("conv1", "conv1", "bn1"), ("conv2", "conv2", "bn2")):
+            if conv in p:
+                layers_.append(Layer(f"{blk}.{kind}", kind, (f"{blk}/{conv}", f"{blk}/{bn}"), size(p[conv], p[bn])))
+    layers_.append(Layer("head", "head", ("classifier",), size(params["classifier"])))
+    return tuple(layers_)
 
 
 def parse_budget(text: str) -> tuple[float, float, float]:
@@ -183,63 +195,27 @@ def describe(net: SplitBackbone) -> str:
 # ----------------------------------------------------------------------------- parameter trees
 
 
-def _bn_names(kind: str, blk: str) -> tuple[str, str]:
-    """(conv module, BN module) names in the resnet18 tree for a conv layer."""
-    if kind == "stem":
-        return "stem", "bn_stem"
-    return {"proj": (f"{blk}/proj", f"{blk}/bn_proj"), "conv1": (f"{blk}/conv1", f"{blk}/bn1"),
-            "conv2": (f"{blk}/conv2", f"{blk}/bn2")}[kind]
+def _names(path) -> list[str]:
+    return [getattr(k, "key", str(k)) for k in path]
 
 
-def _get(tree: PyTree, path: str) -> PyTree:
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
+def group_labels(net: SplitBackbone, tree: PyTree) -> PyTree:
+    """The group of every leaf of a params or batch_stats tree (``optim.per_group`` labels)."""
+    plan = net.plan
+    return jax.tree_util.tree_map_with_path(lambda p, _: plan["/".join(_names(p)[:-1])], tree)
 
 
-def to_layers(params: PyTree, stats: PyTree, layers: tuple[Layer, ...]) -> tuple[dict, dict]:
-    """Per-layer ``{name: {kernel, scale, bias}}`` and ``{name: {mean, var}}`` from a resnet18 tree."""
-    lp, ls = {}, {}
-    for layer in layers:
-        if layer.kind == "head":
-            lp[layer.name] = {"kernel": params["classifier"]["kernel"], "bias": params["classifier"]["bias"]}
-            ls[layer.name] = {}
-            continue
-        conv, bn = _bn_names(layer.kind, layer.name.split(".")[0])
-        p, s = _get(params, bn), _get(stats, bn)
-        lp[layer.name] = {"kernel": _get(params, conv)["kernel"], "scale": p["scale"][0], "bias": p["bias"][0]}
-        ls[layer.name] = {"mean": s["mean"][0], "var": s["var"][0]}
-    return lp, ls
-
-
-def from_layers(lp: dict, ls: dict, layers: tuple[Layer, ...]) -> tuple[dict, dict]:
-    """The resnet18 ``(params, batch_stats)`` tree from per-layer dicts (inverse of ``to_layers``)."""
-    params: dict = {}
-    stats: dict = {}
-
-    def put(tree, path, value):
-        *parents, leaf = path.split("/")
-        for k in parents:
-            tree = tree.setdefault(k, {})
-        tree[leaf] = value
-
-    for layer in layers:
-        p = lp[layer.name]
-        if layer.kind == "head":
-            put(params, "classifier/kernel", p["kernel"])
-            put(params, "classifier/bias", p["bias"])
-            continue
-        conv, bn = _bn_names(layer.kind, layer.name.split(".")[0])
-        put(params, f"{conv}/kernel", p["kernel"])
-        put(params, f"{bn}/scale", p["scale"][None])
-        put(params, f"{bn}/bias", p["bias"][None])
-        put(stats, f"{bn}/mean", ls[layer.name]["mean"][None])
-        put(stats, f"{bn}/var", ls[layer.name]["var"][None])
-    return params, stats
+def by_group(net: SplitBackbone, tree: PyTree) -> dict[str, dict[str, jax.Array]]:
+    """``{group: {"stage3_block1/conv1/kernel": leaf, ...}}``: the leaves of each group by path."""
+    out: dict = {g: {} for g in GROUPS}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, leaf), g in zip(flat, jax.tree.leaves(group_labels(net, tree))):
+        out[g]["/".join(_names(path))] = leaf
+    return out
 
 
 def reference_model(head_width: int):
-    """The ``models.resnet18`` whose parameter tree the split network uses."""
+    """The plain ``models.resnet18`` (one task, ImageNet stem) whose tree backbone weights come in."""
     return models.resnet18(head_width, num_tasks=1, stem="imagenet")
 
 
@@ -283,14 +259,55 @@ def check_backbone(params: PyTree, stats: PyTree, like: tuple[PyTree, PyTree]) -
                                  f"expected {w[k]}")
 
 
+def _expand(net: SplitBackbone, params: PyTree, stats: PyTree) -> tuple[dict, dict]:
+    """A one-task ResNet-18 tree -> the split tree: every per-task row (and head block) a copy of it."""
+    T, plan = net.num_tasks, net.plan
+
+    def grow(path, a, stat):
+        names = _names(path)
+        g = plan["/".join(names[:-1])]
+        if names[0] == "classifier":
+            return jnp.tile(a, (1, T) if a.ndim == 2 else (T,))
+        if g == "task" and names[-1] == "kernel":
+            return jnp.repeat(a[None], T, axis=0)
+        return jnp.repeat(a, T, axis=0) if g == "task" or (stat and g == "shared") else jnp.asarray(a)
+
+    return (jax.tree_util.tree_map_with_path(lambda p, a: grow(p, a, False), params),
+            jax.tree_util.tree_map_with_path(lambda p, a: grow(p, a, True), stats))
+
+
+def backbone_of(net: SplitBackbone, params: dict, stats: dict, task: int = 0) -> tuple[dict, dict]:
+    """Task ``task``'s network as a plain ResNet-18 ``(params, batch_stats)`` (e.g. for ``convert.save_npz``)."""
+    K, plan = net.head_width, net.plan
+
+    def pick(path, a, stat):
+        names = _names(path)
+        g = plan["/".join(names[:-1])]
+        if names[0] == "classifier":
+            return a[..., task * K:(task + 1) * K]
+        if g == "task" and names[-1] == "kernel":
+            return a[task]
+        return a[task:task + 1] if a.shape[0] > 1 and (g == "task" or (stat and g == "shared")) else a
+
+    return (jax.tree_util.tree_map_with_path(lambda p, a: pick(p, a, False), params),
+            jax.tree_util.tree_map_with_path(lambda p, a: pick(p, a, True), stats))
+
+
 def build(groups_or_budget, block_sizes: tuple[int, ...], key: jax.Array, *, init: tuple[PyTree, PyTree] | None = None,
           stem_mode: str = "no_pool", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_shape=(32, 32, 3),
           bn_momentum: float = 0.9) -> tuple[SplitBackbone, dict, dict]:
     """``(net, params, stats)``: the split network, every task copy starting from the same weights.
 
-    ``init`` gives backbone weights (a resnet18 tree; its classifier is ignored,
-    heads always start from the random initialisation). ``groups_or_budget`` is
-    an "F-S-T" budget or an explicit group per layer.
+    Args:
+        groups_or_budget: an "F-S-T" budget (text or three floats) or an explicit group per layer.
+        block_sizes: classes of each task.
+        key: PRNG key of the random initialisation.
+        init: backbone weights, a plain ResNet-18 ``(params, batch_stats)``; its classifier is ignored.
+        stem_mode: one of ``STEM_MODES``.
+        mean: per-channel input mean of the standardisation.
+        std: per-channel input standard deviation.
+        input_shape: ``(H, W, C)`` of the inputs.
+        bn_momentum: running-statistics momentum.
     """
     if stem_mode not in STEM_MODES:
         raise ValueError(f"unknown stem mode {stem_mode!r}; choose one of {', '.join(STEM_MODES)}")
@@ -304,183 +321,113 @@ def build(groups_or_budget, block_sizes: tuple[int, ...], key: jax.Array, *, ini
         params = {**jax.tree.map(copy, {k: v for k, v in init[0].items() if k != "classifier"}),
                   "classifier": params["classifier"]}
         stats = jax.tree.map(copy, init[1])
-    layers = layer_list(params)
+    layers_ = layer_list(params)
     if isinstance(groups_or_budget, str) or not isinstance(groups_or_budget[0], str):
-        groups = resolve_budget(groups_or_budget, layers)
+        groups = resolve_budget(groups_or_budget, layers_)
     else:
         groups = tuple(groups_or_budget)
-    if len(groups) != len(layers) or groups[-1] != "task" or \
+    if len(groups) != len(layers_) or groups[-1] != "task" or \
             [GROUPS.index(g) for g in groups] != sorted(GROUPS.index(g) for g in groups):
         raise ValueError("groups must be frozen* shared* task+ in forward order, ending with the head")
-    net = SplitBackbone(layers, groups, block_sizes, stem_mode, tuple(float(m) for m in mean),
+    net = SplitBackbone(layers_, groups, block_sizes, stem_mode, tuple(float(m) for m in mean),
                         tuple(float(s) for s in std), bn_momentum)
-    lp, ls = to_layers(params, stats, layers)
-    T = net.num_tasks
-    gp = {g: {layer.name: lp[layer.name] for layer in net.layers_of(g)} for g in GROUPS}
-    gs = {g: {layer.name: ls[layer.name] for layer in net.layers_of(g)} for g in GROUPS}
-    copy = lambda tree: jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[None], T, axis=0), tree)  # noqa: E731
-    gp["task"], gs["task"], gs["shared"] = copy(gp["task"]), copy(gs["task"]), copy(gs["shared"])
-    return net, gp, gs
-
-
-def task_copy(tree: PyTree, task) -> PyTree:
-    """Task ``task``'s slice of a task-group tree (``task`` may be traced)."""
-    return jax.tree.map(lambda a: a[task], tree)
-
-
-def backbone_of(net: SplitBackbone, params: dict, stats: dict, task: int = 0) -> tuple[dict, dict]:
-    """The resnet18 ``(params, batch_stats)`` of one task's network (e.g. to save it with ``convert.save_npz``)."""
-    lp = {**params["frozen"], **params["shared"], **task_copy(params["task"], task)}
-    ls = {**stats["frozen"], **task_copy(stats["shared"], task), **task_copy(stats["task"], task)}
-    return from_layers(lp, ls, net.layers)
+    return (net, *_expand(net, params, stats))
 
 
 # ----------------------------------------------------------------------------- forward pass
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """NHWC x HWIO convolution with symmetric zero padding ``pad`` (PyTorch's arithmetic).
-
-    On maps of at most 4x4 pixels the convolution is lowered as patches + one
-    matmul (``layers.conv2d(impl="patches")``): XLA:CPU's convolution took 3.1 s
-    for a 3x3 512->512 conv on 64 maps of 2x2 (forward) against 0.015 s this way
-    (2 cores; the ``no_pool`` stem on 32 px inputs reaches 2x2 in stage 3).
-    """
-    kh, kw = kernel.shape[:2]
-    small = min(x.shape[1], x.shape[2]) <= 4 and kh * kw > 1
-    return layers.conv2d(x, kernel, stride, pad, impl="patches" if small else "xla")
-
-
-def batch_norm(y: jax.Array, p: dict, s: dict, train: bool, weights: jax.Array | None, momentum: float):
-    """``(normalised y, new running stats)``; in training the statistics are weighted by ``weights`` per example.
-
-    Examples with weight 0 (padding, other tasks) do not enter the statistics;
-    with no weighted example the running statistics stay bit-identical.
-    """
-    if not train:
-        mean, var, new = s["mean"], s["var"], s
+def apply(net: SplitBackbone, params: dict, stats: dict, xf: jax.Array, task, train: bool = False,
+          weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Task ``task``'s masked logits on standardised inputs and the new statistics (``stats`` in eval mode)."""
+    variables = {"params": params, "batch_stats": stats}
+    if train:
+        out, new = net.model.apply(variables, xf, task, True, weights, mutable=["batch_stats"])
+        new = new["batch_stats"]
     else:
-        w = jnp.ones(y.shape[0], jnp.float32) if weights is None else weights.astype(jnp.float32)
-        wb = w[:, None, None, None]
-        count = jnp.sum(w) * y.shape[1] * y.shape[2]
-        denom = jnp.maximum(count, 1.0)
-        mean = jnp.sum(wb * y, axis=(0, 1, 2)) / denom
-        var = jnp.sum(wb * jnp.square(y - mean), axis=(0, 1, 2)) / denom
-        seen = count > 0
-        new = {"mean": jnp.where(seen, momentum * s["mean"] + (1 - momentum) * mean, s["mean"]),
-               "var": jnp.where(seen, momentum * s["var"] + (1 - momentum) * var, s["var"])}
-        new = jax.lax.stop_gradient(new)
-    return (y - mean) * jax.lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"], new
+        out, new = net.model.apply(variables, xf, task, False), stats
+    logits = out.reshape(out.shape[0], net.num_tasks, net.head_width)[:, task]
+    return losses.masked_logits(logits, jnp.asarray(net.class_valid())[task]), new
 
 
-def apply_layer(net: SplitBackbone, layer: Layer, p: dict, s: dict, state: dict, train: bool,
-                weights: jax.Array | None) -> tuple[dict, dict]:
-    """Run one layer on ``state`` ({"x": block input, "h": conv1 output, "sc": projection}): new state, stats."""
-    if layer.kind == "head":
-        feats = jnp.mean(state["x"], axis=(1, 2))
-        return {"logits": feats @ p["kernel"] + p["bias"]}, s
-    bn = lambda y: batch_norm(y, p, s, train, weights, net.bn_momentum)  # noqa: E731
-    if layer.kind == "stem":
-        stride, pool = STEM_MODES[net.stem_mode]
-        y, new = bn(_conv(state["x"], p["kernel"], stride, 3))
-        y = nn.relu(y)
-        if pool:
-            y = nn.max_pool(y, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-        return {"x": y}, new
-    if layer.kind == "proj":
-        y, new = bn(_conv(state["x"], p["kernel"], layer.stride, 0))
-        return {**state, "sc": y}, new
-    if layer.kind == "conv1":
-        y, new = bn(_conv(state["x"], p["kernel"], layer.stride, 1))
-        return {**state, "h": nn.relu(y)}, new
-    y, new = bn(_conv(state["h"], p["kernel"], 1, 1))  # conv2 closes the block
-    return {"x": nn.relu(state.get("sc", state["x"]) + y)}, new
+def apply_all(net: SplitBackbone, params: dict, stats: dict, xf: jax.Array, train: bool = False,
+              weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Every task's masked logits ``(T, B, head_width)`` and new statistics (row t moved by task t's branch).
 
-
-def run_layers(net: SplitBackbone, layers: Iterable[Layer], params: dict, stats: dict, state: dict, train: bool,
-               weights: jax.Array | None = None) -> tuple[dict, dict]:
-    """Run ``layers`` in order; returns the final state and every layer's new statistics."""
-    new_stats = {}
-    for layer in layers:
-        state, new_stats[layer.name] = apply_layer(net, layer, params[layer.name], stats[layer.name], state,
-                                                   train, weights)
-    return state, new_stats
-
-
-def trunk(net: SplitBackbone, params: dict, stats: dict, xf: jax.Array) -> dict:
-    """The frozen layers in eval mode (no gradient): the state every task's branch starts from."""
-    state, _ = run_layers(net, net.layers_of("frozen"), jax.lax.stop_gradient(params["frozen"]), stats["frozen"],
-                          {"x": xf}, False)
-    return state
-
-
-def branch(net: SplitBackbone, shared: dict, task_params: dict, stats_t: dict, state: dict, task, train: bool,
-           weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Task ``task``'s shared layers (its BN statistics row) and task copy: masked logits and new statistics.
-
-    ``stats_t`` is ``{"shared": ..., "task": ...}`` already sliced to the task.
+    ``weights`` is ``(T, B)``: the examples of each task's batch statistics.
     """
-    state, sh = run_layers(net, net.layers_of("shared"), shared, stats_t["shared"], state, train, weights)
-    out, tk = run_layers(net, net.layers_of("task"), task_params, stats_t["task"], state, train, weights)
-    valid = jnp.asarray(net.class_valid())[task]
-    return losses.masked_logits(out["logits"], valid), {"shared": sh, "task": tk}
-
-
-def task_stats(stats: dict, task) -> dict:
-    """The statistics rows of task ``task`` in the shared and task groups."""
-    return {"shared": task_copy(stats["shared"], task), "task": task_copy(stats["task"], task)}
+    T = net.num_tasks
+    ws = jnp.ones((T, xf.shape[0])) if weights is None else weights
+    logits, new = jax.vmap(lambda t, w: apply(net, params, stats, xf, t, train, w))(jnp.arange(T), ws)
+    diag = lambda a: a[jnp.arange(T), jnp.arange(T)] if a.shape[1] == T else a[0]  # noqa: E731
+    return logits, jax.tree.map(diag, new)
 
 
 def forward(net: SplitBackbone, params: dict, stats: dict, xf: jax.Array, task, train: bool = False) -> jax.Array:
     """Logits of task ``task``'s network on standardised inputs (no state update)."""
-    state = trunk(net, params, stats, xf)
-    logits, _ = branch(net, params["shared"], task_copy(params["task"], task), task_stats(stats, task), state, task,
-                       train)
-    return logits
+    return apply(net, params, stats, xf, task, train)[0]
 
 
 def all_probs(net: SplitBackbone, params: dict, stats: dict, xf: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """Eval-mode probabilities of every task's network: ``(num_tasks, B, head_width)``, 0 on padded classes.
-
-    The frozen layers run once; shared and task layers once per task (``lax.map``).
-    """
-    state = trunk(net, params, stats, xf)
-
-    def one(args):
-        tp, st, t = args
-        logits, _ = branch(net, params["shared"], tp, st, state, t, False)
-        return jax.nn.softmax(logits / temperature, axis=-1)
-
-    per_task = {"shared": stats["shared"], "task": stats["task"]}
-    return jax.lax.map(one, (params["task"], per_task, jnp.arange(net.num_tasks)))
+    """Eval-mode probabilities of every task's network: ``(num_tasks, B, head_width)``, 0 on padded classes."""
+    return jax.nn.softmax(apply_all(net, params, stats, xf)[0] / temperature, axis=-1)
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 
-def group_labels(params: dict) -> dict:
-    """The group name of every leaf (``optim.per_group`` labels)."""
-    return {g: jax.tree.map(lambda _: g, params[g]) for g in params}
+def make_optimizer(net: SplitBackbone, lr_shared: float, lr_task: float, optimizer: str = "sgd",
+                   momentum: float = 0.9):
+    """``optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task}))``.
 
-
-def make_optimizer(lr_shared: float, lr_task: float, optimizer: str = "sgd", momentum: float = 0.9):
-    """``optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task}))``."""
+    Args:
+        net: the split network (its plan labels every parameter).
+        lr_shared: learning rate of the shared group.
+        lr_task: learning rate of the task group.
+        optimizer: "sgd" or "adam".
+        momentum: SGD momentum (0: none).
+    """
     if optimizer == "sgd":
         make = lambda lr: optax.sgd(lr, momentum=momentum or None)  # noqa: E731
     elif optimizer == "adam":
         make = optax.adam
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
-    return optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task}, group_labels,
-                                          make=make))
+    return optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task},
+                                          functools.partial(group_labels, net), make=make))
 
 
-def train_mask(params: dict, rows: jax.Array) -> dict:
-    """Gate: frozen never, shared always, task copies only where ``rows`` (bool per task) is True."""
-    row = lambda a: rows.reshape((-1,) + (1,) * (a.ndim - 1))  # noqa: E731
-    return {"frozen": jax.tree.map(lambda _: jnp.zeros((), bool), params["frozen"]),
-            "shared": jax.tree.map(lambda _: jnp.ones((), bool), params["shared"]),
-            "task": jax.tree.map(row, params["task"])}
+def train_mask(net: SplitBackbone, params: dict, rows) -> dict:
+    """Gate: frozen never, shared always, task rows (and head blocks) only where ``rows`` (bool per task).
+
+    Leaves broadcast against their parameter (scalars, ``(T, 1, ...)`` rows, the head's ``(T * K,)``).
+    """
+    K = net.head_width
+    rows = jnp.asarray(rows, bool)
+
+    def mask(path, a, g):
+        if g != "task":
+            return jnp.asarray(g == "shared")
+        if _names(path)[0] == "classifier":
+            return jnp.repeat(rows, K)
+        return rows.reshape((-1,) + (1,) * (a.ndim - 1))
+
+    return jax.tree_util.tree_map_with_path(mask, params, group_labels(net, params))
+
+
+class StreamBatch(NamedTuple):
+    """One online batch: uint8 (or standardised) images, task-local labels, task ids, real-example flags."""
+
+    x: jax.Array
+    y: jax.Array
+    task: jax.Array  # int32: a scalar (Setting 1) or one per example (Setting 2)
+    valid: jax.Array  # bool per example (the last batch is zero-padded)
+
+
+class Context(NamedTuple):
+    """What ``training.make_step`` needs besides the batch: the gate of ``optim.gated``."""
+
+    trainable: PyTree
 
 
 def _weighted_ce(logits: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
@@ -488,82 +435,44 @@ def _weighted_ce(logits: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def make_train_step(net: SplitBackbone, tx, mixed: bool = False) -> Callable:
-    """``step(carry=(params, stats, opt_state), x_u8, y, task, valid) -> (carry, metrics)``, jitted, carry donated.
+def make_loss(net: SplitBackbone, mixed: bool = False) -> Callable:
+    """The weighted cross-entropy of ``training.make_step``: ``(params, stats, batch, ctx) -> (loss, (stats, m))``.
 
-    ``mixed=False``: the batch is one task's, ``task`` a scalar, only that
-    task's branch (shared layers with its statistics, its copy) runs and
-    trains. ``mixed=True``: ``task`` is per example (Setting 2), every task's
-    branch runs on the batch with its loss and BN statistics restricted to its
-    own examples; the shared weights get the sum of the branches' gradients.
-    ``valid`` marks real examples (the last batch is padded).
+    ``mixed=False``: the batch is one task's (``batch.task`` a scalar), only that
+    task's network runs. ``mixed=True`` (Setting 2): every task's network runs on
+    the batch, its loss and BN statistics restricted to its own examples; the
+    shared weights get the sum of their gradients. Frozen parameters are
+    constants (no gradient is computed through them).
     """
-    mean, std = jnp.asarray(net.mean), jnp.asarray(net.std)
     T = net.num_tasks
 
-    def step(carry, x, y, task, valid):
-        params, stats, opt_state = carry
-        xf = batching.to_float(x, mean, std)
-        w = valid.astype(jnp.float32)
-        state = trunk(net, params, stats, xf)
-        per_task = {"shared": stats["shared"], "task": stats["task"]}
-
-        def loss_fn(trainable):
-            if not mixed:
-                logits, new = branch(net, trainable["shared"], task_copy(trainable["task"], task),
-                                     task_stats(stats, task), state, task, True, w)
-            else:
-                def one(args):
-                    tp, st, t = args
-                    return branch(net, trainable["shared"], tp, st, state, t, True, w * (task == t))
-
-                all_logits, new = jax.lax.map(one, (trainable["task"], per_task, jnp.arange(T)))
-                logits = all_logits[task, jnp.arange(len(y))]
-            loss = _weighted_ce(logits, y, w)
-            acc = jnp.sum(w * (jnp.argmax(logits, -1) == y)) / jnp.maximum(jnp.sum(w), 1.0)
-            return loss, (new, acc)
-
-        trainable = {"shared": params["shared"], "task": params["task"]}
-        (loss, (new, acc)), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        grads = {"frozen": jax.tree.map(jnp.zeros_like, params["frozen"]), **g}
-        if mixed:
-            rows = jnp.any((task[None, :] == jnp.arange(T)[:, None]) & valid[None, :], axis=1)
+    def loss_fn(params, stats, batch: StreamBatch, ctx: Context):
+        del ctx
+        params = jax.tree.map(lambda a, g: jax.lax.stop_gradient(a) if g == "frozen" else a, params,
+                              group_labels(net, params))
+        w = batch.valid.astype(jnp.float32)
+        if not mixed:
+            logits, new = apply(net, params, stats, batch.x, batch.task, True, w)
         else:
-            rows = jnp.arange(T) == task
-            new = jax.tree.map(lambda a, n: a.at[task].set(n), per_task, new)
-        updates, opt_state = tx.update(grads, opt_state, params, mask=train_mask(params, rows))
-        params = optax.apply_updates(params, updates)
-        stats = {"frozen": stats["frozen"], **new}
-        return (params, stats, opt_state), {"loss": loss, "acc": acc}
+            ws = w[None, :] * (batch.task[None, :] == jnp.arange(T)[:, None])
+            all_logits, new = apply_all(net, params, stats, batch.x, True, ws)
+            logits = all_logits[batch.task, jnp.arange(len(batch.y))]
+        loss = _weighted_ce(logits, batch.y, w)
+        acc = jnp.sum(w * (jnp.argmax(logits, -1) == batch.y)) / jnp.maximum(jnp.sum(w), 1.0)
+        return loss, (new, {"acc": acc})
 
-    return jax.jit(step, donate_argnums=(0,))
-
-
-def padded(x: np.ndarray, y: np.ndarray, task: np.ndarray | int, batch_size: int):
-    """``(x, y, task, valid)`` with the batch zero-padded to ``batch_size`` (one compiled shape)."""
-    n = len(y)
-    valid = np.arange(batch_size) < n
-    pad = batch_size - n
-    if pad:
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        if not np.isscalar(task) and np.ndim(task):
-            task = np.concatenate([task, np.zeros(pad, np.asarray(task).dtype)])
-    return x, y, task, valid
+    return loss_fn
 
 
-def train_online(step: Callable, carry, batches: Iterable[tuple], batch_size: int, *, total: int | None = None,
-                 desc: str = "", progress: bool = False):
-    """One pass of ``step`` over ``batches`` of ``(x, y, task)``, each example seen once: carry, mean metrics."""
-    sums, count = None, 0
-    for x, y, task in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
-        x, y, task, valid = padded(np.asarray(x), np.asarray(y), task, batch_size)
-        task = jnp.asarray(task, jnp.int32)
-        carry, m = step(carry, x, y, task, valid)
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-        count += 1
-    means = {k: float(v) / count for k, v in sums.items()} if count else {}
-    return carry, {**means, "steps": count}
+def make_train_step(net: SplitBackbone, tx, mixed: bool = False) -> Callable:
+    """``step(carry=(params, stats, opt_state), batch: StreamBatch, key, ctx: Context)``: ``training.make_step``.
+
+    The batch's uint8 images are standardised outside the gradient; ``ctx.trainable``
+    (``train_mask``) gates the optimizer.
+    """
+    mean, std = jnp.asarray(net.mean), jnp.asarray(net.std)
+    prepare = lambda batch, key, ctx: batch._replace(x=batching.to_float(batch.x, mean, std))  # noqa: E731
+    return training.make_step(make_loss(net, mixed), tx, prepare)
 
 
 def task_batches(split, task: int, batch_size: int, key: jax.Array) -> Iterator[tuple]:
@@ -574,21 +483,59 @@ def task_batches(split, task: int, batch_size: int, key: jax.Array) -> Iterator[
         yield split.x[idx], split.y[idx], task
 
 
+def make_gate(net: SplitBackbone) -> Callable:
+    """``gate(params, task, valid) -> Context``: the task copies with real examples in the batch train."""
+    T = net.num_tasks
+    mask = jax.jit(functools.partial(train_mask, net))
+
+    def gate(params, task, valid) -> Context:
+        task = np.asarray(task)
+        if task.ndim:
+            rows = np.any((task[None, :] == np.arange(T)[:, None]) & np.asarray(valid)[None, :], axis=1)
+        else:
+            rows = np.arange(T) == task
+        return Context(mask(params, rows))
+
+    return gate
+
+
+def train_online(step: Callable, gate: Callable, carry, batches: Iterable[tuple], batch_size: int, *,
+                 total: int | None = None, desc: str = "", progress: bool = False):
+    """One pass of ``step`` over host batches ``(x, y, task)``, each example seen once: carry, mean metrics.
+
+    Every batch is zero-padded to ``batch_size`` (``evaluation.pad_batches``: one
+    compiled shape); ``gate`` (``make_gate``) opens the task copies present in it.
+    """
+    sums, count = None, 0
+    key = jax.random.key(0)  # unused: no augmentation
+    for x, y, task in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
+        x, y, valid = next(evaluation.pad_batches(np.asarray(x), np.asarray(y), batch_size))
+        task = np.asarray(task, np.int32)
+        if task.ndim:  # one task id per example: padded like the labels
+            task = np.concatenate([task, np.zeros(batch_size - len(task), np.int32)])
+        ctx = gate(carry[0], task, valid)
+        carry, m = step(carry, StreamBatch(x, y, jnp.asarray(task), valid), key, ctx)
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        count += 1
+    means = {k: float(v) / count for k, v in sums.items()} if count else {}
+    return carry, {**means, "steps": count}
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_eval(net: SplitBackbone, temperature: float = 1.0) -> Callable:
-    """``eval(params, stats, x_u8, y, valid, true_task, seen) -> correct counts per rule``, jitted.
+def make_counts(net: SplitBackbone, temperature: float = 1.0) -> Callable:
+    """``counts(params, stats, x_u8, y, valid, true_task, seen) -> correct counts per rule`` (``evaluation``), jitted.
 
-    Rules: ``til`` (true task's head), ``cil`` / ``cil_entropy`` (head chosen by
-    max-probability / lowest entropy of the two most confident, among the
-    first ``seen``), ``task_id`` / ``task_id_entropy`` (the chosen head is the
+    Rules (``RULES``): ``til`` (true task's head), ``cil`` / ``cil_entropy`` (head
+    chosen by max-probability / lowest entropy of the two most confident, among
+    the first ``seen``), ``task_id`` / ``task_id_entropy`` (the chosen head is the
     true task's).
     """
     mean, std = jnp.asarray(net.mean), jnp.asarray(net.std)
 
     @jax.jit
-    def evaluate(params, stats, x, y, valid, true_task, seen):
+    def counts(params, stats, x, y, valid, true_task, seen):
         probs = all_probs(net, params, stats, batching.to_float(x, mean, std), temperature)
         preds = routing.predictions(probs, true_task, seen)
         out = {rule: jnp.sum(valid & (t == true_task) & (c == y)) for rule, (t, c) in preds.items()}
@@ -596,99 +543,168 @@ def make_eval(net: SplitBackbone, temperature: float = 1.0) -> Callable:
         out["task_id_entropy"] = jnp.sum(valid & (preds["cil_entropy"][0] == true_task))
         return out
 
-    return evaluate
+    return counts
 
 
-def evaluate(evaluate_fn: Callable, params: dict, stats: dict, splits, seen: int,
-             batch_size: int) -> dict[str, np.ndarray]:
-    """Accuracy of every rule on each task's split (split ``j`` belongs to task ``j``): ``{rule: (len(splits),)}``."""
-    out = {rule: [] for rule in RULES}
-    for j, split in enumerate(splits):
-        n = len(split.y)
-        totals = {rule: 0 for rule in RULES}
-        bs = max(1, min(batch_size, n))
-        for start in range(0, n, bs):
-            x, y, _, valid = padded(split.x[start:start + bs], split.y[start:start + bs], j, bs)
-            counts = evaluate_fn(params, stats, x, y, valid, jnp.int32(j), jnp.int32(seen))
-            for rule in RULES:
-                totals[rule] += int(counts[rule])
-        for rule in RULES:
-            out[rule].append(totals[rule] / n if n else np.nan)
-    return {rule: np.asarray(v) for rule, v in out.items()}
+# ----------------------------------------------------------------------------- the method
 
 
-# ----------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class OCLConfig:
+    """One online run: the budget split, batch size, per-group learning rates, stem, evaluation."""
+
+    split: str = "6.5-2.3-2.4"  # F-S-T in millions (or explicit groups, see ``build``)
+    batch_size: int = 64
+    lr_task: float = 0.01
+    lr_shared: float = 0.001
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    stem_mode: str = "no_pool"
+    temperature: float = 1.0  # softmax temperature of the task-ID rules
+    eval_batch: int = 256
+    eval_split: str = "test"  # where accuracies are measured: "test" or "val"
+
+    def __post_init__(self):
+        if min(self.batch_size, self.eval_batch) < 1:
+            raise ValueError("batch_size and eval_batch must be at least 1")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
 
 
-def setting1(net: SplitBackbone, params: dict, stats: dict, scenario, *, batch_size: int, tx, key: jax.Array,
-             eval_splits, eval_batch: int = 256, temperature: float = 1.0, log: Callable[[dict], None] | None = None,
-             progress: bool = False) -> tuple[dict, dict, dict[str, np.ndarray]]:
-    """Datasets in sequence, one pass each; ``R[rule][i, j]`` = accuracy on task j after task i.
+@dataclasses.dataclass(frozen=True)
+class Online:
+    """Everything static about a run: the split network, its optimizer, compiled steps and counts. Build once."""
 
-    Val1 (right after task i) is ``R["til"][i, i]``, Val2 (after all) ``R["til"][-1, i]``.
-    The optimizer state starts fresh for every task.
+    cfg: OCLConfig
+    scenario: Any
+    net: SplitBackbone
+    init: tuple[PyTree, PyTree] | None
+    tx: Any
+    steps: dict[str, Callable]  # "task": one task's batches (Setting 1); "mixed": the merged stream (Setting 2)
+    gate: Callable
+    counts: Callable
+
+    @property
+    def splits(self):
+        return [getattr(task, self.cfg.eval_split) for task in self.scenario.tasks]
+
+
+def setup(cfg: OCLConfig, scenario, init: tuple[PyTree, PyTree] | None = None) -> Online:
+    """The split network of ``cfg.split`` on ``scenario`` (every copy from ``init``, or random), steps, counts."""
+    net = _net(cfg, scenario, init, jax.random.key(0))[0]
+    tx = make_optimizer(net, cfg.lr_shared, cfg.lr_task, cfg.optimizer, cfg.momentum)
+    return Online(cfg, scenario, net, init, tx, {"task": make_train_step(net, tx), "mixed": make_train_step(
+        net, tx, mixed=True)}, make_gate(net), make_counts(net, cfg.temperature))
+
+
+def _net(cfg: OCLConfig, scenario, init, key):
+    return build(cfg.split, scenario.block_sizes, key, init=init, stem_mode=cfg.stem_mode,
+                 mean=tuple(float(m) for m in scenario.norm[0]), std=tuple(float(s) for s in scenario.norm[1]),
+                 input_shape=scenario.input_shape)
+
+
+def init_state(m: Online, key: jax.Array) -> dict:
+    """``{"params", "batch_stats"}`` before any task: every task copy the initial backbone, heads from ``key``."""
+    _, params, stats = _net(m.cfg, m.scenario, m.init, key)
+    return {"params": params, "batch_stats": stats}
+
+
+def learn_task(m: Online, state: dict, t: int, key: jax.Array, *, log: Callable[[dict], None] | None = None,
+               progress: bool = False) -> tuple[dict, dict]:
+    """Setting 1: one pass over task ``t``'s training split (order from ``key``), a fresh optimizer state.
+
+    Only task ``t``'s copy and the shared group train (``optim.gated``); what
+    carries to the next task is the weights and BN statistics (the state).
     """
-    T = scenario.task_count
-    step = make_train_step(net, tx, mixed=False)
-    evaluate_fn = make_eval(net, temperature)
-    R = {rule: np.full((T, T), np.nan) for rule in RULES}
-    for t, task in enumerate(scenario.tasks):
-        carry = (params, stats, tx.init(params))
-        n = len(task.train.y)
-        carry, m = train_online(step, carry, task_batches(task.train, t, batch_size, jax.random.fold_in(key, t)),
-                                batch_size, total=-(-n // batch_size), desc=f"task {t + 1}/{T} {task.name}",
-                                progress=progress)
-        params, stats, _ = carry
-        accs = evaluate(evaluate_fn, params, stats, eval_splits, seen=t + 1, batch_size=eval_batch)
-        for rule in RULES:
-            R[rule][t] = accs[rule]
-        if log is not None:
-            log({"task": t, "name": task.name, "examples": n, **m, **{f"{r}_row": R[r][t] for r in RULES}})
-    return params, stats, R
-
-
-def setting2(net: SplitBackbone, params: dict, stats: dict, scenario, *, batch_size: int, tx, seed: int,
-             eval_splits, eval_batch: int = 256, temperature: float = 1.0, log: Callable[[dict], None] | None = None,
-             progress: bool = False) -> tuple[dict, dict, dict[str, np.ndarray]]:
-    """Batches drawn at random from the merged pool of all tasks, one pass; per-task accuracy of every rule.
-
-    The task is unknown at test time: ``cil`` picks the head by max-probability,
-    ``task_id`` is how often that pick is the true task.
-    """
-    step = make_train_step(net, tx, mixed=True)
-    n = sum(len(t.train.y) for t in scenario.tasks)
-    carry = (params, stats, tx.init(params))
-    carry, m = train_online(step, carry, merged_stream(scenario, batch_size, seed), batch_size,
-                            total=-(-n // batch_size), desc="merged stream", progress=progress)
-    params, stats, _ = carry
-    accs = evaluate(make_eval(net, temperature), params, stats, eval_splits, seen=scenario.task_count,
-                    batch_size=eval_batch)
+    task, bs = m.scenario.tasks[t], m.cfg.batch_size
+    n = len(task.train.y)
+    carry = (state["params"], state["batch_stats"], m.tx.init(state["params"]))
+    carry, metrics = train_online(m.steps["task"], m.gate, carry, task_batches(task.train, t, bs, key), bs,
+                                  total=-(-n // bs), desc=f"task {t + 1}/{m.scenario.task_count} {task.name}",
+                                  progress=progress)
     if log is not None:
-        log({"examples": n, **m, **{r: accs[r] for r in RULES}})
-    return params, stats, accs
+        log({"task": t, "phase": "online", **metrics})
+    return {"params": carry[0], "batch_stats": carry[1]}, {"task": t, "name": task.name, "examples": n, **metrics}
+
+
+def evaluate(m: Online, state: dict, seen: int) -> dict[str, np.ndarray]:
+    """Accuracy of every rule on each task's evaluation split: ``{rule: (task_count,)}`` (``evaluation.accuracies``)."""
+    accs = evaluation.accuracies(m.counts, (state["params"], state["batch_stats"]), m.splits, seen, m.cfg.eval_batch)
+    return {rule: accs[rule] for rule in RULES}
+
+
+def groups_report(net: SplitBackbone) -> dict:
+    """``{group: {"params": count (one task copy), "layers": [names]}}``."""
+    return {g: {"params": net.sizes()[g], "layers": [layer.name for layer in net.layers_of(g)]} for g in GROUPS}
+
+
+def param_counts(m: Online, state: dict) -> dict:
+    return {"total": models.param_count(state["params"]), **{f"{g}_per_copy" if g == "task" else g: n
+                                                             for g, n in m.net.sizes().items()}}
+
+
+def learner(cfg: OCLConfig, scenario, init: tuple[PyTree, PyTree] | None = None) -> Learner:
+    """Setting 1 (datasets in sequence, one pass each, task known at training) as a ``Learner``.
+
+    ``R[rule][i, j]`` = accuracy on task j after task i; Val1 (right after task i)
+    is ``R["til"][i, i]``, Val2 (after all) ``R["til"][-1, i]``.
+    """
+    m = setup(cfg, scenario, init)
+    return Learner(name="split_backbone", rules=RULES, init_state=lambda key: init_state(m, key),
+                   learn_task=lambda state, t, key, **kw: learn_task(m, state, t, key, **kw),
+                   evaluate=lambda state, seen: evaluate(m, state, seen),
+                   param_counts=lambda state: param_counts(m, state),
+                   report=lambda state, infos: {"split": cfg.split, "batch_size": cfg.batch_size,
+                                                "groups": groups_report(m.net)},
+                   describe=lambda info: f"loss {info['loss']:.3f}  train acc {100 * info['acc']:.1f}%",
+                   **scenario_fields(scenario))
+
+
+def setting2(m: Online, key: jax.Array, seed: int, *, log: Callable[[dict], None] | None = None,
+             progress: bool = False) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """Batches drawn at random from the merged pool of all tasks (order from ``seed``), one pass.
+
+    Starts from ``init_state(m, key)`` (the state Setting 1 starts from with the
+    same key); the same step factory and evaluator as Setting 1, the step in
+    its mixed form. Returns the state, the per-task accuracy of every rule after
+    the stream, and a summary. The task is unknown at test time: ``cil`` picks
+    the head by max-probability, ``task_id`` is how often that pick is right.
+    """
+    state = init_state(m, key)
+    bs, scenario = m.cfg.batch_size, m.scenario
+    n = sum(len(t.train.y) for t in scenario.tasks)
+    carry = (state["params"], state["batch_stats"], m.tx.init(state["params"]))
+    carry, metrics = train_online(m.steps["mixed"], m.gate, carry, merged_stream(scenario, bs, seed), bs,
+                                  total=-(-n // bs), desc="merged stream", progress=progress)
+    state = {"params": carry[0], "batch_stats": carry[1]}
+    accs = evaluate(m, state, scenario.task_count)
+    info = {"examples": n, **metrics}
+    if log is not None:
+        log({"phase": "merged_stream", **info, **{r: accs[r] for r in RULES}})
+    return state, accs, info
 
 
 def pretrain(params: PyTree, stats: PyTree, split, num_classes: int, *, epochs: int, batch_size: int, lr: float,
              key: jax.Array, stem_mode: str, mean, std, progress: bool = False,
              log: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
-    """Train every layer of a resnet18 ``(params, stats)`` on a source split for ``epochs`` (Adam); returns the tree.
+    """Train every layer of a ResNet-18 ``(params, stats)`` on a source split for ``epochs`` (Adam); returns the tree.
 
     Used so that frozen layers hold real features; the source head is discarded afterwards.
     """
     k_init, key = jax.random.split(key)
-    layers = layer_list(params)
-    groups = ("shared",) * (len(layers) - 1) + ("task",)
+    layers_ = layer_list(params)
+    groups = ("shared",) * (len(layers_) - 1) + ("task",)
     net, gp, gs = build(groups, (num_classes,), k_init, init=(params, stats), stem_mode=stem_mode, mean=mean, std=std,
                         input_shape=split.x.shape[1:])
-    tx = make_optimizer(lr, lr, "adam")
-    step = make_train_step(net, tx, mixed=False)
+    tx = make_optimizer(net, lr, lr, "adam")
+    step, gate = make_train_step(net, tx), make_gate(net)
     carry = (gp, gs, tx.init(gp))
     n = len(split.y)
     batch_size = min(batch_size, n)
     for epoch in range(epochs):
         batches = ((x, y, t) for x, y, t in task_batches(split, 0, batch_size, jax.random.fold_in(key, epoch))
                    if len(y) == batch_size)  # full batches only: BN statistics of a tiny last batch are noisy
-        carry, m = train_online(step, carry, batches, batch_size, total=n // batch_size,
+        carry, m = train_online(step, gate, carry, batches, batch_size, total=n // batch_size,
                                 desc=f"pretrain epoch {epoch + 1}/{epochs}", progress=progress)
         if log is not None:
             log({"pretrain_epoch": epoch, **m})

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from modkd_jax.models.layers import TaskBatchNorm, leaf_kinds, param_count
 from modkd_jax.models.mlp import MLP
-from modkd_jax.models.resnet import ResNet, resnet18, resnet32
+from modkd_jax.models.resnet import STEMS, ResNet, resnet18, resnet32
 
 ARCHS = ("mlp", "resnet32", "resnet18")
 
@@ -15,7 +15,8 @@ ARCHS = ("mlp", "resnet32", "resnet18")
 def build(arch: str, num_outputs: int, num_tasks: int = 1, dtype=jnp.float32, **kwargs):
     """The network ``arch`` with ``num_outputs`` classifier rows and ``num_tasks`` batch-norm rows.
 
-    ``kwargs`` go to the constructor (MLP ``hidden``; ResNet ``conv_impl``, ``materialize``, ResNet-18 ``stem``).
+    ``kwargs`` go to the constructor (MLP ``hidden``; ResNet ``conv_impl``, ``materialize``, ResNet-18 ``stem``,
+    ``conv``, ``norm``).
     """
     if arch == "mlp":
         return MLP(num_outputs, num_tasks, dtype=dtype, **kwargs)
@@ -32,5 +33,5 @@ def init(model, key: jax.Array, input_shape: tuple[int, ...]):
     return variables["params"], variables["batch_stats"]
 
 
-__all__ = ["ARCHS", "MLP", "ResNet", "TaskBatchNorm", "build", "init", "leaf_kinds", "param_count",
+__all__ = ["ARCHS", "MLP", "ResNet", "STEMS", "TaskBatchNorm", "build", "init", "leaf_kinds", "param_count",
            "resnet18", "resnet32"]

@@ -5,7 +5,10 @@ Our format (``save_npz`` / ``load_npz``): one array per leaf of the
 named ``params/<path>`` and ``batch_stats/<path>`` with ``/`` between Flax
 names, float32, e.g. ``params/stem/kernel`` (7, 7, 3, 64) HWIO,
 ``params/stage1_block0/bn_proj/scale`` (1, 128), ``batch_stats/bn_stem/mean``
-(1, 64), ``params/classifier/kernel`` (512, K).
+(1, 64), ``params/classifier/kernel`` (512, K). The three 7x7 stems of
+``resnet.STEMS`` ("imagenet", "no_pool", "stride1") share this tree; the split
+backbone's per-task network t comes back to it with
+``methods.split_backbone.backbone_of`` and goes out of it with ``build(init=...)``.
 
 A torchvision ResNet-18 state dict saved as ``.npz`` (no torch needed to read it)::
 

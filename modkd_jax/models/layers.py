@@ -5,8 +5,9 @@ Gating is applied to the *parameter pytree* inside the forward pass
 no masks and any Flax layer becomes gated; what each leaf is (a gated weight,
 a classifier block, a per-task row) is read from its path by ``leaf_kinds``.
 
-``Conv`` is a bias-free NHWC convolution with three interchangeable lowerings
-(``CONV_IMPLS``) behind one parameter layout; ``materialize`` is a runtime
+``Conv`` is a bias-free NHWC convolution with interchangeable lowerings
+(``CONV_IMPLS``) behind one parameter layout, optionally one kernel per task
+(a leading task axis, like ``TaskBatchNorm``'s rows); ``materialize`` is a runtime
 identity that stops XLA from recomputing a residual stream inside every
 consumer (see ``benchmarks/train_step.py`` for the measured effect).
 """
@@ -25,8 +26,10 @@ PyTree = Any
 
 # "xla": lax.conv_general_dilated in the input dtype (the default; float32 numerics);
 # "bf16": the same conv on bfloat16 operands with float32 accumulation and output;
-# "patches": im2col (strided slices concatenated) + one matmul.
-CONV_IMPLS = ("xla", "bf16", "patches")
+# "patches": im2col (strided slices concatenated) + one matmul;
+# "auto": "patches" on maps of at most 4x4 pixels (XLA:CPU's conv took 3.1 s against 0.015 s for a 3x3
+# 512->512 conv on 64 maps of 2x2, 2 cores), else "xla".
+CONV_IMPLS = ("xla", "bf16", "patches", "auto")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -42,6 +45,8 @@ def _im2col(x: jax.Array, kh: int, kw: int, stride: int, pad: int) -> jax.Array:
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, impl: str = "xla") -> jax.Array:
     """NHWC convolution with an HWIO kernel, symmetric zero padding ``pad``, lowered as ``impl``."""
+    if impl == "auto":
+        impl = "patches" if min(x.shape[1], x.shape[2]) <= 4 and kernel.shape[0] * kernel.shape[1] > 1 else "xla"
     if impl == "xla":
         return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride), ((pad, pad), (pad, pad)),
                                             dimension_numbers=_DIMS)
@@ -57,8 +62,17 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, impl:
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {CONV_IMPLS}")
 
 
+def _per_task(init: Any, num_tasks: int) -> Any:
+    """An initializer of ``num_tasks`` independent rows stacked on a leading axis."""
+    return lambda key, shape, dtype=jnp.float32: jax.vmap(lambda k: init(k, shape[1:], dtype))(
+        jax.random.split(key, num_tasks))
+
+
 class Conv(nn.Module):
-    """Bias-free 2-D convolution (``kernel`` HWIO, like ``nn.Conv``) with a selectable lowering ``impl``."""
+    """Bias-free 2-D convolution (``kernel`` HWIO, like ``nn.Conv``) with a selectable lowering ``impl``.
+
+    ``num_tasks > 0``: one kernel per task (``kernel`` of shape ``(num_tasks, *HWIO)``), row ``task`` used.
+    """
 
     features: int
     kernel_size: tuple[int, int]
@@ -67,10 +81,16 @@ class Conv(nn.Module):
     impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
+    num_tasks: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    def __call__(self, x: jax.Array, task=None) -> jax.Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        if self.num_tasks:
+            kernel = self.param("kernel", _per_task(self.kernel_init, self.num_tasks), (self.num_tasks, *shape),
+                                jnp.float32)[task]
+        else:
+            kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         return conv2d(x.astype(self.dtype), kernel, self.strides, self.padding, self.impl)
 
 
@@ -93,38 +113,60 @@ def materialize(x: jax.Array) -> jax.Array:
     return x / jnp.sign(jnp.abs(x) + 1)
 
 
+def _row(a: jax.Array, task) -> jax.Array:
+    """Row ``task`` of ``a``, or its only row (a parameter or statistic shared by every task)."""
+    return a[0] if a.shape[0] == 1 else a[task]
+
+
 class TaskBatchNorm(nn.Module):
     """Batch norm with one set of parameters and running statistics per task.
 
     ``task`` may be traced (selected inside ``jit`` and ``vmap``); in training
-    only row ``task`` of the running statistics moves.
+    only row ``task`` of the running statistics moves. ``param_rows=1`` shares
+    scale and bias between tasks; ``use_running_average`` normalises with the
+    running statistics even in training (a frozen layer: they never move).
+    ``weights`` (per example) restricts the batch statistics to weighted
+    examples; with none weighted the running statistics stay bit-identical.
     """
 
     num_tasks: int
     momentum: float = 0.9
     epsilon: float = 1e-5
+    param_rows: int | None = None  # rows of scale/bias: num_tasks (None) or 1
+    use_running_average: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, task, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, task, train: bool, weights: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         shape = (self.num_tasks, c)
-        scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+        prow = (self.param_rows or self.num_tasks, c)
+        scale = self.param("scale", nn.initializers.ones, prow, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, prow, jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
-        if train:
+        xf = x.astype(jnp.float32)
+        if train and not self.use_running_average:
             axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            if weights is None:
+                mean = jnp.mean(xf, axes)
+                var = jnp.mean(jnp.square(xf - mean), axes)
+                seen = True
+            else:
+                w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+                count = jnp.sum(weights.astype(jnp.float32)) * (x.size // (x.shape[0] * c))
+                mean = jnp.sum(w * xf, axes) / jnp.maximum(count, 1.0)
+                var = jnp.sum(w * jnp.square(xf - mean), axes) / jnp.maximum(count, 1.0)
+                seen = count > 0
             if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = ra_mean.value.at[task].set(m * ra_mean.value[task] + (1 - m) * mean)
-                ra_var.value = ra_var.value.at[task].set(m * ra_var.value[task] + (1 - m) * var)
+                m, r = self.momentum, 0 if self.num_tasks == 1 else task
+                for ra, new in ((ra_mean, mean), (ra_var, var)):
+                    old = ra.value[r]
+                    moved = m * old + (1 - m) * new
+                    ra.value = ra.value.at[r].set(moved if seen is True else jnp.where(seen, moved, old))
         else:
-            mean, var = ra_mean.value[task], ra_var.value[task]
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale[task] + bias[task]).astype(x.dtype)
+            mean, var = _row(ra_mean.value, task), _row(ra_var.value, task)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * _row(scale, task) + _row(bias, task)).astype(x.dtype)
 
 
 def _kind_of(path: tuple) -> str:

@@ -1,0 +1,160 @@
+"""The one task loop: learn, evaluate, log, checkpoint, resume and report, for every Learner.
+
+With a ``workdir`` the run directory is the run: config.json, metrics.jsonl,
+results.json, accuracy heatmaps and one orbax checkpoint step per finished task
+(state, accuracy matrices, key; re-running resumes after the last finished
+task). With ``workdir=None`` it runs in memory (benchmarks, tests). The same
+seed gives the same matrices either way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from modkd_jax import checkpoint, metrics, rundir
+from modkd_jax.learner import Learner
+
+SCHEMA = 2  # version of results.json's layout
+
+
+def _blank(learner: Learner, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """NaN matrices ``(*lead, T, T)`` for every rule ``evaluate`` returns."""
+    T = learner.task_count
+    return {rule: np.full((*np.shape(row)[:-1], T, T), np.nan) for rule, row in rows.items()}
+
+
+def _per_lead(R: np.ndarray, fn: Callable):
+    """``fn`` of each ``(T, T)`` matrix of ``R`` (a nested list over the leading axes)."""
+    return fn(R) if R.ndim == 2 else [_per_lead(r, fn) for r in R]
+
+
+def _fmt(values) -> str:
+    vals = np.atleast_1d(np.asarray(values, float))
+    return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}%" for v in vals)
+
+
+def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bool = False,
+        stop_after: int | None = None, checkpoints: bool = True, echo: Callable[[str], None] | None = print,
+        title: str | None = None) -> dict:
+    """Run (or resume) ``learner`` through its tasks; returns the results dict (also results.json).
+
+    Args:
+      learner: the method (``modkd_jax.learner.Learner``).
+      cfg: every setting of the run, with a ``seed``; saved as config.json, checked on resume.
+      workdir: the run directory, or None to run in memory.
+      progress: show progress bars.
+      stop_after: end after this many finished tasks (a clean stop; re-running resumes).
+      checkpoints: keep one orbax checkpoint per finished task (with a workdir).
+      echo: where the per-task lines and the final table go (None: nowhere).
+      title: heading of the accuracy plot.
+    """
+    echo = echo or (lambda _: None)
+    T = learner.task_count
+    init_key, task_key = jax.random.split(jax.random.key(cfg["seed"]))
+    state = learner.init_state(init_key)
+    R: dict[str, np.ndarray] | None = None
+    start, seconds, infos = 0, [], []
+    log, mngr = None, None
+    writer = jax.process_index() == 0  # several processes: one writes the run directory's files
+    if workdir is not None:
+        workdir = rundir.open_run(workdir, cfg) if writer else Path(workdir)
+        if checkpoints:
+            mngr = checkpoint.manager(workdir)
+            restored = checkpoint.latest(mngr, {"state": state, "rng": checkpoint.key_to_array(task_key)})
+            if restored is not None:  # the matrices travel in the step's JSON item (NaN as null)
+                _, ckpt, meta = restored
+                state, task_key = ckpt["state"], checkpoint.array_to_key(ckpt["rng"])
+                R = {k: np.asarray(v, float) for k, v in meta["R"].items()}
+                start, seconds, infos = meta["next_task"], meta["seconds"], meta["infos"]
+                echo(f"resuming {workdir} after task {start - 1}")
+        if writer:
+            rundir.truncate_metrics(workdir, start)
+            log = lambda rec: rundir.log_metrics(workdir, rec)  # noqa: E731
+    for t in range(start, T if stop_after is None else min(T, stop_after)):
+        t0 = time.perf_counter()
+        state, info = learner.learn_task(state, t, jax.random.fold_in(task_key, t), log=log, progress=progress)
+        rows = learner.evaluate(state, t + 1)
+        if R is None:
+            R = _blank(learner, rows)
+        for rule, row in rows.items():
+            R[rule][..., t, :] = row
+        info["seconds"] = time.perf_counter() - t0
+        info = json.loads(json.dumps(rundir._jsonable(info)))  # as a resumed run reads it back (NaN: null)
+        seconds.append(info["seconds"])
+        infos.append(info)
+        averages = {rule: _per_lead(R[rule], lambda m: metrics.average_accuracy(m, t)) for rule in learner.rules}
+        if log is not None:
+            log({"task": t, "phase": "summary", **info, **{f"{r}_avg": v for r, v in averages.items()},
+                 **{f"{r}_row": R[r][..., t, :] for r in learner.rules}})
+        heads = "  ".join(f"{r.upper()} {_fmt(averages[r])}" for r in learner.rules[:2])
+        extra = f"  {learner.describe(info)}" if learner.describe is not None else ""
+        echo(f"task {t + 1}/{T} {learner.tasks[t]}: {heads}{extra}  {info['seconds']:.1f}s")
+        if mngr is not None:
+            checkpoint.save(mngr, t + 1, {"state": state, "rng": checkpoint.key_to_array(task_key)},
+                            rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}))
+    if R is None:  # nothing learnt (a finished run re-opened, or stop_after=0): empty matrices
+        R = _blank(learner, learner.evaluate(state, 1))
+    results = make_results(learner, cfg, R, seconds, infos, state)
+    if workdir is not None and writer:
+        rundir.write_json(workdir / "results.json", results)
+        mats = {}
+        for rule in learner.rules:
+            for idx in np.ndindex(*R[rule].shape[:-2]):
+                suffix = "".join(f" {ax} {i}" for ax, i in zip(learner.lead_axes, idx))
+                mats[f"{rule.upper()}{suffix} R[i,j]"] = R[rule][idx]
+        rundir.plot_matrices(workdir / "accuracy_matrices.png", mats, title=title or learner.name)
+    if len(seconds) == T:
+        echo(final_table(results))
+    if mngr is not None:
+        mngr.close()
+    return results
+
+
+def make_results(learner: Learner, cfg: dict, R: dict, seconds: list, infos: list, state) -> dict:
+    """results.json: one layout for every method (``SCHEMA``)."""
+    done = len(seconds)
+    results = {
+        "schema": SCHEMA, "method": learner.name, "config": cfg, "tasks": list(learner.tasks),
+        "classes": [list(c) for c in learner.classes], "tasks_done": done, "rules": list(learner.rules),
+        "lead_axes": list(learner.lead_axes), "accuracy_matrix": R,
+        "final": {rule: _per_lead(R[rule], lambda m: metrics.average_accuracy(m, done - 1) if done else None)
+                  for rule in R},
+        "summary": {rule: _per_lead(R[rule], lambda m: metrics.summarize(m[:done, :done]) if done else {})
+                    for rule in R},
+        "seconds_per_task": seconds, "task_infos": infos, "params": learner.param_counts(state),
+    }
+    if learner.report is not None:
+        results.update(learner.report(state, infos))
+    return results
+
+
+def final_table(results: dict) -> str:
+    """The end-of-run table: each headline rule's average accuracy after every task, forgetting, seconds."""
+    rules = tuple(results["rules"])
+    R = {rule: np.asarray(results["accuracy_matrix"][rule], float) for rule in rules}
+    heads = {r: r.upper().replace("_", " ") + " avg" for r in rules}
+    width = {r: max(len(heads[r]), len(_avg_cell(R[r], 0))) for r in rules}
+    lines = ["", "after task | " + " | ".join(heads[r].rjust(width[r]) for r in rules) + " | seconds",
+             "-----------|" + "|".join("-" * (width[r] + 2) for r in rules) + "|--------"]
+    for t, sec in enumerate(results["seconds_per_task"]):
+        lines.append(f"{t + 1:>10} | " + " | ".join(_avg_cell(R[r], t).rjust(width[r]) for r in rules)
+                     + f" | {sec:.1f}")
+    parts = []
+    for r in rules[:2]:
+        acc = _per_lead(R[r], lambda m: metrics.average_accuracy(m, len(results["seconds_per_task"]) - 1))
+        fgt = _per_lead(R[r][..., :len(results["seconds_per_task"]), :len(results["seconds_per_task"])],
+                        metrics.forgetting)
+        parts.append(f"{r.upper()} {_fmt(acc)} (forgetting {_fmt(fgt).replace('%', '')})")
+    lines.append("final: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _avg_cell(R: np.ndarray, t: int) -> str:
+    vals = np.atleast_1d(np.asarray(_per_lead(R, lambda m: metrics.average_accuracy(m, t)), float))
+    return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}" for v in vals)

@@ -98,7 +98,7 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
         if mngr is not None:
             checkpoint.save(mngr, t + 1, {"state": state, "rng": checkpoint.key_to_array(task_key)},
                             rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}))
-    if R is None:  # nothing learnt (a finished run re-opened, or stop_after=0): empty matrices
+    if R is None:  # nothing learnt yet (stop_after=0): empty matrices
         R = _blank(learner, learner.evaluate(state, 1))
     results = make_results(learner, cfg, R, seconds, infos, state)
     if workdir is not None and writer:

@@ -21,8 +21,6 @@ from modkd_jax import evaluation, losses, optim, parallel
 from modkd_jax.data import batching
 
 PyTree = Any
-# (teacher_variables, x_float, task) -> teacher logits on the task's classes
-TeacherFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:

@@ -352,7 +352,7 @@ def _learn_single_head(b: Baseline, state: PyTree, t: int, key: jax.Array, log, 
 
 
 def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
-               progress: bool = True) -> tuple[PyTree, dict]:
+               progress: bool = False) -> tuple[PyTree, dict]:
     """Train task ``t`` into ``state``; returns the new state and a summary (val accuracy, seconds)."""
     start = time.perf_counter()
     learn = _learn_packnet if b.cfg.method == "packnet" else _learn_single_head

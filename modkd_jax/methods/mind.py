@@ -243,7 +243,7 @@ def _phase(mind: Mind, name: str, t: int, params, batch_stats, split, ctx: Conte
 
 
 def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
-               progress: bool = True) -> tuple[PyTree, dict]:
+               progress: bool = False) -> tuple[PyTree, dict]:
     """Train task ``t`` into ``state``; returns the new state and a summary (val accuracies, seconds)."""
     cfg, task = mind.cfg, mind.scenario.tasks[t]
     k_teacher, k_sel, k_phase1, k_phase2 = jax.random.split(key, 4)

@@ -23,8 +23,8 @@ and returns replicated outputs, so a carry keeps its layout from step to step
 
 Multi-host (TPU pods, several GPU nodes): call
 ``maybe_initialize_distributed(True)`` first thing in every process (see its
-docstring); each process then feeds its own slice of the global batch and
-``shard_batch`` assembles the global array.
+docstring); every process draws the same global batch and ``shard_batch``
+transfers only its own rows (``process_rows``) to assemble the global array.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
     variables (jax itself does not read the last two). CPU collectives across
     processes use gloo unless ``jax_cpu_collectives_implementation`` was set.
     Afterwards ``jax.devices()`` lists every device of every host,
-    ``make_mesh()`` spans them all, and each process passes only its own rows of
-    a batch to ``shard_batch``. ``enabled=False`` (single host) does nothing.
+    ``make_mesh()`` spans them all, and ``shard_batch`` hands JAX each
+    process's own rows of a batch. ``enabled=False`` (single host) does nothing.
 
     Raises:
         ValueError: a process count or id that is not an integer, or an id out of range.
@@ -121,8 +121,20 @@ def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
 
 
 def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
-    """``tree`` copied to every device of ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+    """``tree`` copied to every device of ``mesh`` (with several processes: from each process's own copy)."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)  # every process holds the same value (same seed, same computation)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def _check_batch(x, size: int) -> None:
@@ -133,21 +145,30 @@ def _check_batch(x, size: int) -> None:
                          f"use a batch size divisible by {size}")
 
 
-def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
-    """Every array of ``tree`` split along its leading axis over ``data``.
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+    """The rows of a global batch of ``shape`` that this process's devices hold under ``sharding``."""
+    starts, stops = zip(*((idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
+                          for idx in sharding.addressable_devices_indices_map(shape).values()))
+    return slice(min(starts), max(stops))
 
-    Single process: ``tree`` is the global batch. Several processes: ``tree`` is
-    this process's share (its rows of the global batch), as every process
-    feeds its own data.
+
+def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
+    """Every array of the global batch ``tree`` split along its leading axis over ``data``.
+
+    Every process passes the same global batch (the same seed draws the same
+    batches everywhere) and hands JAX only the rows its own devices hold
+    (``process_rows``, ``jax.make_array_from_process_local_data``), so each
+    host transfers 1/N of every batch and the global batch is the 1-process one.
     """
     sharding = batch_sharding(mesh)
 
     def put(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if jax.process_count() > 1:
-            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
         _check_batch(x, mesh.shape["data"])
+        if jax.process_count() > 1:
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(sharding, x[process_rows(sharding, x.shape)], x.shape)
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, tree)
@@ -182,7 +203,7 @@ class DataParallel:
                                                  donate_argnums=tuple(i for i in self.donate_argnums if i < n))
         # Host arrays and single-device batches go to their shards, everything else to every device; arrays
         # already placed pass through untouched (no copy, so donation still reuses their buffers).
-        args = [shard_batch(self.mesh, a) if split and i in self.batch_argnums else jax.device_put(a, replicated(self.mesh))
+        args = [shard_batch(self.mesh, a) if split and i in self.batch_argnums else replicate(self.mesh, a)
                 for i, a in enumerate(args)]
         self._signatures.add((n, split, tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
                                               for x in jax.tree.leaves(args))))

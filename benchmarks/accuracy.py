@@ -100,22 +100,14 @@ def subsample(scenario, train: int | None, test: int | None, seed: int):
 
 def method_config(method: str, dataset: str, setting: Setting):
     """The MindConfig or BaselineConfig of ``method``: per-dataset defaults, the setting's epochs."""
-    from experiments.mind import inference_temperature
-    from modkd_jax.methods import baselines, mind
+    from modkd_jax.methods import baselines, from_preset, mind
 
     if method in MIND_METHODS:
-        d = {**dataclasses.asdict(mind.MindConfig()), **mind.PRESETS[dataset]}
         sd = method == "mind_self_distillation"
-        return mind.MindConfig(arch=d["arch"], hidden=tuple(d["hidden"]), epochs=setting.epochs,
-                               batch_size=d["batch_size"], lr=d["lr"], crop_flip=d["crop_flip"],
-                               distill_epochs=setting.second_epochs, distill_lr=d["distill_lr"],
-                               self_distillation=sd, policy="magnitude" if sd else "random",
-                               temperature=inference_temperature(d["temperature"]),
-                               brightness=d["brightness"])
-    p = baselines.preset(dataset)
-    return baselines.BaselineConfig(method=method, arch=p["arch"], hidden=tuple(p["hidden"]), epochs=setting.epochs,
-                                    retrain_epochs=setting.second_epochs, batch_size=p["batch_size"], lr=p["lr"],
-                                    crop_flip=p["crop_flip"])
+        return mind.preset_config(dataset, epochs=setting.epochs, distill_epochs=setting.second_epochs,
+                                  self_distillation=sd, policy="magnitude" if sd else "random")
+    return from_preset(baselines.BaselineConfig, baselines.preset(dataset), method=method, epochs=setting.epochs,
+                       retrain_epochs=setting.second_epochs)
 
 
 def hyperparameters(dataset: str, setting: Setting) -> str:
@@ -133,7 +125,7 @@ def hyperparameters(dataset: str, setting: Setting) -> str:
 
 def make_learner(method: str, config, scenario):
     """A ``modkd_jax.learner.Learner`` for ``method``."""
-    from modkd_jax.methods import baselines, mind
+    from modkd_jax.methods import baselines, from_preset, mind
 
     if method in MIND_METHODS:
         return mind.learner(config, scenario)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import typing
@@ -11,6 +10,7 @@ from typing import Callable, Iterable
 
 from modkd_jax.checkpoint import CheckpointError
 from modkd_jax import data
+from modkd_jax.methods import from_preset
 from modkd_jax.data import DATASETS, DataUnavailableError
 from modkd_jax.rundir import RunDirError
 
@@ -132,17 +132,10 @@ def config_from(cls, preset: dict, args: argparse.Namespace, names: Iterable[str
 
     A rejected value (the dataclass's ``__post_init__``) is a UsageError: one line, exit 2.
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {**{k: v for k, v in preset.items() if k in fields}, **given(args, names), **overrides}
     try:
-        return cls(**values)
+        return from_preset(cls, preset, **{**given(args, names), **overrides})
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-
-
-def config_dict(config) -> dict:
-    """A config dataclass as config.json stores it."""
-    return dataclasses.asdict(config)
 
 
 def config_of(cls, stored: dict):

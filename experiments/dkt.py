@@ -27,17 +27,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import (UsageError, add_config_flags, add_data_flags, config_dict, config_from, config_of,
+from experiments.common import (UsageError, add_config_flags, add_data_flags, config_from, config_of,
                                 guarded, show_progress)
 from modkd_jax import data, loop, rundir
 from modkd_jax.methods import dkt
+from modkd_jax.models import two_head
 
 NAMES = tuple(f.name for f in dataclasses.fields(dkt.DKTConfig))
 HELPS = {
     "experiment": f"one of {', '.join(dkt.EXPERIMENTS)}", "agents": "agents in the agents experiment (>= 2)",
     "exchange": f"what travels: {' or '.join(dkt.MODES)}", "topology": f"{' or '.join(dkt.TOPOLOGIES)}",
     "exchange_every": "epochs between exchange rounds", "alone": "no exchange: each learner trained alone",
-    "lam": "weight of the distillation loss", "kd": "kl or mse", "backbone": "mlp, resnet32 or resnet18",
+    "lam": "weight of the distillation loss", "kd": f"{' or '.join(dkt.KD_LOSSES)}",
+    "backbone": f"one of {', '.join(two_head.BACKBONES)}",
     "epochs": "epochs per experience", "n_probe": "probe images held out of the training pool",
     "probe_batch_size": "probe images per step (default: --batch_size)",
 }
@@ -67,7 +69,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"--task_count must be at least 1, got {task_count}")
     return dict(dataset=args.dataset, seed=args.seed, task_count=task_count,
                 val_fraction=preset["val_fraction"] if args.val_fraction is None else args.val_fraction,
-                devices=args.devices or default_devices(cfg.agents), dkt=config_dict(cfg))
+                devices=args.devices or default_devices(cfg.agents), dkt=dataclasses.asdict(cfg))
 
 
 def default_devices(agents: int) -> int:
@@ -114,7 +116,7 @@ def compare(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, pro
     table = comparison_table(runs, cfg)
     rundir.write_json(workdir / "comparison.json", {
         "config": cfg, "table": table, "wall_seconds": wall,
-        "agents": {name: [{**{k: v[a] for k, v in r["final"].items()}, "bytes_sent": sent}
+        "experiment": f"one of {', '.join(dkt.EXPERIMENTS)}", "agents": {name: [{**{k: v[a] for k, v in r["final"].items()}, "bytes_sent": sent}
                           for a, sent in enumerate(r["exchange"]["bytes_sent_per_agent"])]
                    for name, r in runs.items()}})
     (workdir / "comparison.md").write_text(table + "\n")

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (UsageError, add_config_flags, add_run_flags, build_scenario, config_from, guarded,
-                                run_settings, show_progress)
+from experiments.common import (UsageError, add_config_flags, add_run_flags, build_scenario, config_from, config_of,
+                                guarded, run_settings, show_progress)
 from modkd_jax import loop, masks, metrics, models, rundir, training
 from modkd_jax.methods import baselines, mind
 from modkd_jax.methods import experts as X
@@ -79,11 +79,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
             "experts": dataclasses.asdict(ecfg)}
 
 
-def experts_config(cfg: dict) -> X.ExpertsConfig:
-    """The ExpertsConfig stored in config.json (lists back to tuples)."""
-    return X.ExpertsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["experts"].items()})
-
-
 def matched_width(target: int, depth: int, num_outputs: int, num_tasks: int, input_shape) -> int:
     """The width ``w`` whose ``depth``-layer MLP ``(w,) * depth`` has the parameter count closest to ``target``."""
     count = lambda w: X.mlp_params((w,) * depth, num_outputs, num_tasks, input_shape)  # noqa: E731
@@ -105,10 +100,8 @@ def unit_learner(method: str, ecfg: X.ExpertsConfig, dataset: str, scenario, wid
                                         optimizer=ecfg.optimizer, crop_flip=False,
                                         eval_batch_size=ecfg.eval_batch_size)
         return baselines.learner(bcfg, scenario), {"baseline": dataclasses.asdict(bcfg)}
-    fields = {f.name for f in dataclasses.fields(mind.MindConfig)}
-    mcfg = mind.MindConfig(**{**{k: v for k, v in mind.PRESETS[dataset].items() if k in fields}, "arch": "mlp",
-                              "hidden": hidden, "epochs": ecfg.epochs, "distill_epochs": ecfg.epochs,
-                              "batch_size": ecfg.batch_size})
+    mcfg = mind.preset_config(dataset, arch="mlp", hidden=hidden, epochs=ecfg.epochs, distill_epochs=ecfg.epochs,
+                              batch_size=ecfg.batch_size)
     return mind.learner(mcfg, scenario), {"mind": dataclasses.asdict(mcfg)}
 
 
@@ -248,7 +241,7 @@ def plot_specialization(path: Path, res: dict, title: str = "") -> None:
 
 def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progress: bool = False, echo=print) -> dict:
     """Run (or finish) every (method, seed) of the comparison; returns the results written to results.json."""
-    ecfg = experts_config(cfg)
+    ecfg = config_of(X.ExpertsConfig, cfg["experts"])
     scenarios = {s: build_scenario({**cfg, "seed": s}, data_dir, tfds_dir) for s in cfg["seeds"]}
     try:
         for sc in scenarios.values():

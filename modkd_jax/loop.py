@@ -34,9 +34,10 @@ def _per_lead(R: np.ndarray, fn: Callable):
     return fn(R) if R.ndim == 2 else [_per_lead(r, fn) for r in R]
 
 
-def _fmt(values) -> str:
+def _fmt(values, unit: str = "%") -> str:
+    """Accuracies (one, or one per leading index) as percentages; NaN as "-"."""
     vals = np.atleast_1d(np.asarray(values, float))
-    return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}%" for v in vals)
+    return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}{unit}" for v in vals)
 
 
 def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bool = False,
@@ -138,23 +139,16 @@ def final_table(results: dict) -> str:
     """The end-of-run table: each headline rule's average accuracy after every task, forgetting, seconds."""
     rules = tuple(results["rules"])
     R = {rule: np.asarray(results["accuracy_matrix"][rule], float) for rule in rules}
+    done = len(results["seconds_per_task"])
+    cell = lambda r, t: _fmt(_per_lead(R[r], lambda m: metrics.average_accuracy(m, t)), unit="")  # noqa: E731
     heads = {r: r.upper().replace("_", " ") + " avg" for r in rules}
-    width = {r: max(len(heads[r]), len(_avg_cell(R[r], 0))) for r in rules}
+    width = {r: max(len(heads[r]), len(cell(r, 0))) for r in rules}
     lines = ["", "after task | " + " | ".join(heads[r].rjust(width[r]) for r in rules) + " | seconds",
              "-----------|" + "|".join("-" * (width[r] + 2) for r in rules) + "|--------"]
     for t, sec in enumerate(results["seconds_per_task"]):
-        lines.append(f"{t + 1:>10} | " + " | ".join(_avg_cell(R[r], t).rjust(width[r]) for r in rules)
-                     + f" | {sec:.1f}")
-    parts = []
-    for r in rules[:2]:
-        acc = _per_lead(R[r], lambda m: metrics.average_accuracy(m, len(results["seconds_per_task"]) - 1))
-        fgt = _per_lead(R[r][..., :len(results["seconds_per_task"]), :len(results["seconds_per_task"])],
-                        metrics.forgetting)
-        parts.append(f"{r.upper()} {_fmt(acc)} (forgetting {_fmt(fgt).replace('%', '')})")
+        lines.append(f"{t + 1:>10} | " + " | ".join(cell(r, t).rjust(width[r]) for r in rules) + f" | {sec:.1f}")
+    parts = [f"{r.upper()} {_fmt(results['final'][r])} "
+             f"(forgetting {_fmt(_per_lead(R[r][..., :done, :done], metrics.forgetting), unit='')})"
+             for r in rules[:2]]
     lines.append("final: " + ", ".join(parts))
     return "\n".join(lines)
-
-
-def _avg_cell(R: np.ndarray, t: int) -> str:
-    vals = np.atleast_1d(np.asarray(_per_lead(R, lambda m: metrics.average_accuracy(m, t)), float))
-    return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}" for v in vals)

@@ -308,3 +308,10 @@ def test_copy_bn_row_starts_a_task_where_the_previous_one_ended():
     for before, after, kind in zip(jax.tree.leaves(params), jax.tree.leaves(new_params), jax.tree.leaves(m.kinds)):
         if kind != masks.PER_TASK:
             assert before is after
+
+
+def test_flags_override_the_preset_and_each_other():
+    """CIFAR-100's preset tau 6.5 gives way to --temperature auto; --no_augment wins over --crop_flip."""
+    cfg = _cfg(["--temperature", "auto", "--no_augment", "--crop_flip", "--epochs", "3"])["mind"]
+    assert cfg["temperature"] == "auto" and cfg["crop_flip"] is False and cfg["brightness"] == 0.0
+    assert cfg["epochs"] == 3 and cfg["distill_epochs"] == 50  # a flag changes its own field only

@@ -44,7 +44,7 @@ from modkd_jax import evaluation, losses, masks, models, parallel, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
-from modkd_jax.methods.mind import PRESETS, MindConfig, block_size_of, make_loss
+from modkd_jax.methods.mind import PRESETS, block_size_of, make_loss, preset_config
 
 PyTree = Any
 
@@ -90,9 +90,9 @@ class BaselineConfig:
 def preset(dataset: str) -> dict:
     """MIND's per-dataset preset as the baselines read it (``epochs`` trains each task, PackNet retrains
     for MIND's distillation epochs); the same protocol, so the comparison is like for like."""
-    p = {**dataclasses.asdict(MindConfig()), **PRESETS[dataset]}
-    keep = ("arch", "hidden", "epochs", "batch_size", "lr", "crop_flip", "task_count")
-    return {**{k: p[k] for k in keep}, "retrain_epochs": p["distill_epochs"], "val_fraction": 0.1}
+    m = preset_config(dataset)
+    return {**{k: getattr(m, k) for k in ("arch", "hidden", "epochs", "batch_size", "lr", "crop_flip")},
+            "task_count": PRESETS[dataset]["task_count"], "retrain_epochs": m.distill_epochs, "val_fraction": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,7 @@ PyTree = Any
 AXIS = parallel.AXES[0]  # "agents"
 EXPERIMENTS = ("joint_teacher", "continual_teacher", "agents")
 MODES = ("probe", "weights")
+KD_LOSSES = ("kl", "mse")
 TOPOLOGIES = ("ring", "gossip")
 RULES = ("cl_cil", "student_cil", "cl_til", "student_til")  # accuracy of both heads of every agent
 TEACHER_RULES = ("teacher_til", "teacher_cil")  # the teacher's CL head (teacher experiments, one agent)
@@ -99,7 +100,7 @@ class DKTConfig:
                   (self.agents >= 2 or self.experiment != "agents",
                    f"the agents experiment needs at least 2 agents, got {self.agents}"),
                   (self.optimizer in ("adam", "sgd"), f"unknown optimizer {self.optimizer!r}; expected adam or sgd"),
-                  (self.kd in ("kl", "mse"), f"unknown kd loss {self.kd!r}; expected 'kl' or 'mse'"),
+                  (self.kd in KD_LOSSES, f"unknown kd loss {self.kd!r}; expected one of {KD_LOSSES}"),
                   (self.exchange in MODES, f"unknown exchange {self.exchange!r}; expected one of {MODES}"),
                   (self.topology in TOPOLOGIES, f"unknown topology {self.topology!r}; expected one of {TOPOLOGIES}"),
                   (self.backbone in two_head.BACKBONES, f"unknown backbone {self.backbone!r}; expected one of "
@@ -362,7 +363,7 @@ class World:
     cfg: DKTConfig
     seed: int
     scenarios: tuple[Scenario, ...]  # one per learner (agents), or the student's alone
-    probe_x: np.ndarray  # uint8, held out of every learner's training data
+    probe_x: jax.Array  # uint8 on device (replicated), held out of every learner's training data
     probe_index: np.ndarray  # its rows in the dataset's original training split
     test: Split  # the whole test set (global labels)
     num_classes: int
@@ -473,6 +474,7 @@ def setup(cfg: DKTConfig, ds: Dataset, task_count: int, *, seed: int = 0, device
     model = two_head.TwoHead(ds.num_classes, cfg.backbone, tuple(cfg.hidden))
     mesh = make_mesh(devices)
     mean, std = (tuple(float(v) for v in a) for a in scenarios[0].norm)
+    probe_x = place(probe_x, mesh, shared=True)  # on device once, not copied into every step
     return World(cfg, seed, scenarios, probe_x, probe_index, Split(ds.test_x, ds.test_y, ds.test_y),
                  ds.num_classes, model, mesh, make_functions(cfg, model, mean, std, mesh))
 

@@ -63,7 +63,7 @@ from modkd_jax import evaluation, losses, masks, models, routing, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
-from modkd_jax.methods import mind
+from modkd_jax.methods import from_preset, mind
 from modkd_jax.methods.mind import block_size_of
 
 PyTree = Any
@@ -125,8 +125,7 @@ PRESETS = {
 
 def preset_config(dataset: str, **overrides) -> ExpertsConfig:
     """The ExpertsConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
-    fields = {f.name for f in dataclasses.fields(ExpertsConfig)}
-    return ExpertsConfig(**{**{k: v for k, v in PRESETS[dataset].items() if k in fields}, **overrides})
+    return from_preset(ExpertsConfig, PRESETS[dataset], **overrides)
 
 
 # --- Pool, embedding, routing --------------------------------------------------------------------
@@ -324,8 +323,9 @@ def make_counts(model, cfg: ExpertsConfig, block_size: int, mean, std) -> Callab
             return jnp.argmax(mix(block_at(logits, t, block_size), w), -1)
 
         member = router["membership"]
-        return {"til": jnp.sum(valid & (predicted(true_task) == y)),
-                "cil": jnp.sum(valid & (task == true_task) & (predicted(task) == y)),
+        right = predicted(true_task) == y  # where the task is inferred right, CIL predicts with the same experts
+        return {"til": jnp.sum(valid & right),
+                "cil": jnp.sum(valid & (task == true_task) & right),
                 "routing": jnp.sum(valid & member[expert, true_task]),
                 "task_id": jnp.sum(valid & (task == true_task)),
                 "activated": jnp.sum(jnp.where(valid, member[:, task].sum(0), 0))}
@@ -455,7 +455,7 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     # 3. train the chosen experts on the task (soft top-k mixture when several), LwF on their earlier tasks
     slots = np.flatnonzero(membership[:, t]).astype(np.int32)  # == sorted(experts)
     distill = bool(old.any())
-    rows = jnp.asarray(np.isin(np.arange(ex.num_experts), experts))
+    rows = jnp.asarray(membership[:, t])
     trn = jax.tree.map(lambda a: jnp.broadcast_to(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape),
                        state["params"])
     teacher = None  # a copy: the carry's buffers are donated to the step

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from modkd_jax import evaluation, losses, masks, models, parallel, training
 from modkd_jax.learner import Learner, scenario_fields
+from modkd_jax.methods import from_preset
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
@@ -98,6 +99,11 @@ PRESETS = {
     "fashion_mnist": _SMALL,
     "digits": {**_SMALL, "epochs": 30, "distill_epochs": 30, "batch_size": 64, "hidden": (128, 128)},
 }
+
+
+def preset_config(dataset: str, **overrides) -> MindConfig:
+    """The MindConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
+    return from_preset(MindConfig, PRESETS[dataset], **overrides)
 
 
 def block_size_of(scenario: Scenario) -> int:

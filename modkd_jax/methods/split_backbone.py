@@ -484,9 +484,14 @@ def task_batches(split, task: int, batch_size: int, key: jax.Array) -> Iterator[
 
 
 def make_gate(net: SplitBackbone) -> Callable:
-    """``gate(params, task, valid) -> Context``: the task copies with real examples in the batch train."""
+    """``gate(params, task, valid) -> Context``: the task copies with real examples in the batch train.
+
+    The mask depends only on which tasks are present (``params`` give its structure), so it is built
+    once per pattern of tasks and reused: one per task in setting 1, a few in the merged stream.
+    """
     T = net.num_tasks
     mask = jax.jit(functools.partial(train_mask, net))
+    built: dict[bytes, Context] = {}
 
     def gate(params, task, valid) -> Context:
         task = np.asarray(task)
@@ -494,7 +499,9 @@ def make_gate(net: SplitBackbone) -> Callable:
             rows = np.any((task[None, :] == np.arange(T)[:, None]) & np.asarray(valid)[None, :], axis=1)
         else:
             rows = np.arange(T) == task
-        return Context(mask(params, rows))
+        if rows.tobytes() not in built:
+            built[rows.tobytes()] = Context(mask(params, rows))
+        return built[rows.tobytes()]
 
     return gate
 

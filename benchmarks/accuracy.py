@@ -44,7 +44,7 @@ TITLES = {"split_mnist": "Split MNIST (5 tasks)", "split_fashion_mnist": "Split 
           "permuted_mnist": "Permuted MNIST (10 tasks)"}
 MIND_METHODS = ("mind", "mind_self_distillation")
 BASELINES = ("finetune", "lwf", "ewc", "packnet", "joint")
-METHODS = MIND_METHODS + BASELINES
+METHODS = MIND_METHODS + ("experts",) + BASELINES
 UPPER_BOUNDS = ("joint",)  # reported, never "the best baseline"
 
 
@@ -100,8 +100,10 @@ def subsample(scenario, train: int | None, test: int | None, seed: int):
 
 def method_config(method: str, dataset: str, setting: Setting):
     """The MindConfig or BaselineConfig of ``method``: per-dataset defaults, the setting's epochs."""
-    from modkd_jax.methods import baselines, from_preset, mind
+    from modkd_jax.methods import baselines, experts, from_preset, mind
 
+    if method == "experts":  # one training phase per task
+        return experts.preset_config(dataset, epochs=setting.epochs)
     if method in MIND_METHODS:
         sd = method == "mind_self_distillation"
         return mind.preset_config(dataset, epochs=setting.epochs, distill_epochs=setting.second_epochs,
@@ -125,8 +127,10 @@ def hyperparameters(dataset: str, setting: Setting) -> str:
 
 def make_learner(method: str, config, scenario):
     """A ``modkd_jax.learner.Learner`` for ``method``."""
-    from modkd_jax.methods import baselines, from_preset, mind
+    from modkd_jax.methods import baselines, experts, mind
 
+    if method == "experts":
+        return experts.learner(config, scenario)
     if method in MIND_METHODS:
         return mind.learner(config, scenario)
     return baselines.learner(config, scenario)
@@ -148,7 +152,10 @@ def run_one(method: str, bench: str, seed: int, setting: Setting, data_root: Pat
     return {"method": method, "benchmark": bench, "seed": seed, "seconds": time.perf_counter() - start,
             "til": np.asarray(res["accuracy_matrix"]["til"], float).tolist(),
             "cil": np.asarray(res["accuracy_matrix"]["cil"], float).tolist(),
-            "summary": {r: res["summary"][r] for r in ("til", "cil")}}
+            "summary": {r: res["summary"][r] for r in ("til", "cil", "cil_max_prob") if r in res["summary"]},
+            # task-inference methods: the paper's max-probability rule beside the rule chosen on validation
+            **({"cil_max_prob": np.asarray(res["accuracy_matrix"]["cil_max_prob"], float).tolist(),
+                "rule_in_use": res["task_inference"]["rule_in_use"]} if "task_inference" in res else {})}
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -201,17 +208,24 @@ def markdown(runs: list[dict], setting: Setting, command: str, header: str) -> s
              f"Setting {setting.describe()}.  ", f"Hyperparameters: {hyperparameters('mnist', setting)}.", "",
              ("Final average accuracy (%) over all tasks after the last one, and forgetting (percentage points; "
               "max earlier accuracy minus final, averaged over all but the last task), mean ± std over seeds. "
-              "TIL: the true task is given; CIL: the model must also tell the task (MIND/PackNet: the most "
-              "confident sub-network; single-head baselines: argmax over every class seen)."), ""]
+              "TIL: the true task is given; CIL: the model must also tell the task (MIND, PackNet, experts: the "
+              "task-inference rule `auto` chose on the seen tasks' validation data after each task, named in "
+              "'rule', with the paper's max-probability rule beside it; single-head baselines: argmax over every "
+              "class seen)."), ""]
     grouped = group(runs)
     for bench, per in grouped.items():
         seeds = sorted({r["seed"] for rs in per.values() for r in rs})
         lines += [f"## {TITLES[bench]}", "", f"Seeds: {', '.join(map(str, seeds))}.", "",
-                  "| method | TIL acc | TIL forgetting | CIL acc | CIL forgetting | s/run |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | TIL acc | TIL forgetting | CIL acc | CIL forgetting | rule (last task) | "
+                  "CIL by max_prob | s/run |", "|---|---|---|---|---|---|---|---|"]
         for m, rs in per.items():
             cells = [mean_std(final_values(rs, rule, key)) for rule in ("til", "cil")
                      for key in ("average_accuracy", "forgetting")]
+            if "rule_in_use" in rs[0]:
+                cells += [", ".join(sorted({r["rule_in_use"][-1] for r in rs})),
+                          mean_std(final_values(rs, "cil_max_prob", "average_accuracy"))]
+            else:
+                cells += ["-", "-"]
             secs = np.mean([r["seconds"] for r in rs])
             name = f"{m} (upper bound)" if m in UPPER_BOUNDS else m
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")

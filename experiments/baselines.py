@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from experiments.common import (add_config_flags, add_parallel_flags, add_run_flags, config_from,
-                                config_of, guarded, mesh_from_args, run_on_scenario, run_settings, show_progress)
+from experiments.common import (UsageError, add_config_flags, add_inference_flags, add_parallel_flags, add_run_flags,
+                                config_from, config_of, guarded, inference_from, inference_given, mesh_from_args,
+                                run_on_scenario, run_settings, show_progress)
 from modkd_jax import models
 from modkd_jax.methods import baselines
 
@@ -35,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=baselines.METHODS)
     add_run_flags(p, default_dataset="cifar100")
     add_config_flags(p, baselines.BaselineConfig, FLAGS, HELP, CHOICES)
+    add_inference_flags(p)
     add_parallel_flags(p)
     return p
 
@@ -44,6 +46,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     preset = baselines.preset(args.dataset)
     cfg = {**run_settings(args, preset), "method": args.method}
     extra = {"crop_flip": False} if args.no_augment else {}
+    if args.method != "packnet" and inference_given(args):
+        raise UsageError(f"task inference picks a sub-network; {args.method} has one head (use --method packnet)")
+    extra["inference"] = inference_from(args, baselines.BaselineConfig().inference)
     cfg["baseline"] = dataclasses.asdict(config_from(baselines.BaselineConfig, preset, args, FLAGS,
                                                      method=args.method, **extra))
     return cfg

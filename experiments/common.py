@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import typing
 from typing import Callable, Iterable
 
 from modkd_jax.checkpoint import CheckpointError
-from modkd_jax import data
+from modkd_jax import data, gaussians, task_inference
 from modkd_jax.methods import from_preset
 from modkd_jax.data import DATASETS, DataUnavailableError
 from modkd_jax.rundir import RunDirError
@@ -38,7 +39,12 @@ def show_progress() -> bool:
 
 
 def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Run ``main``; bad input ends with one line on stderr and exit code 2, not a traceback."""
+    """Run ``main``; bad input ends with one line on stderr and exit code 2, not a traceback.
+
+    In a multi-process run, a computation that fails because another process
+    died ends this one at once with one line on stderr and exit code 3
+    (``parallel.peer_failure``, ``parallel.abandon``).
+    """
 
     def wrapper(argv: list[str] | None = None) -> int:
         try:
@@ -49,6 +55,14 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         except KeyboardInterrupt:
             print("interrupted; re-run the same command to resume after the last finished task", file=sys.stderr)
             return 130
+        except Exception as exc:
+            from modkd_jax import parallel
+
+            line = parallel.peer_failure(exc)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            parallel.abandon(3)
 
     return wrapper
 
@@ -66,6 +80,9 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                         help="number of processes (implies --distributed; env JAX_NUM_PROCESSES)")
     parser.add_argument("--process_id", type=int, default=None,
                         help="this process's id, 0..num_processes-1 (implies --distributed; env JAX_PROCESS_ID)")
+    parser.add_argument("--heartbeat_timeout", type=int, default=None,
+                        help="seconds without a heartbeat before JAX declares a process dead and ends the others "
+                             "(default: jax's 100); a dead peer met in a collective ends this process at once")
 
 
 def mesh_from_args(args: argparse.Namespace):
@@ -73,9 +90,13 @@ def mesh_from_args(args: argparse.Namespace):
     from modkd_jax import parallel
 
     explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    heartbeat = getattr(args, "heartbeat_timeout", None)
+    if heartbeat is not None and heartbeat < 1:
+        raise UsageError(f"--heartbeat_timeout must be at least 1 second, got {heartbeat}")
+    timeouts = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
     try:
         parallel.maybe_initialize_distributed(args.distributed or any(v is not None for v in explicit),
-                                              *explicit)
+                                              *explicit, **timeouts)
     except (ValueError, RuntimeError) as exc:  # jax reports bad or missing settings as either
         raise UsageError(f"multi-process start failed: {' '.join(str(exc).split())}") from exc
     import jax
@@ -139,8 +160,48 @@ def config_from(cls, preset: dict, args: argparse.Namespace, names: Iterable[str
 
 
 def config_of(cls, stored: dict):
-    """A config dataclass back from config.json (JSON lists to tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    """A config dataclass back from config.json (JSON lists to tuples, nested configs rebuilt)."""
+    hints = typing.get_type_hints(cls)
+
+    def value(name, v):
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints.get(name)):
+            return config_of(hints[name], v)
+        return tuple(v) if isinstance(v, list) else v
+
+    return cls(**{k: value(k, v) for k, v in stored.items()})
+
+
+INFERENCE_FLAGS = tuple(f.name for f in dataclasses.fields(task_inference.InferenceConfig))
+INFERENCE_HELP = {
+    "task_inference": "how a class-incremental prediction picks the sub-network / expert: a rule, or 'auto' "
+                      "(the best task identification on the seen tasks' validation split after every task)",
+    "gauss_shrinkage": "Gaussian rules: covariance shrunk this far toward its scaled identity",
+    "gauss_rank": "Gaussian rules: eigenvectors kept per covariance (0: the full covariance)",
+    "gauss_components": "Gaussian rules: Gaussians per class (k-means clusters; 0: 40 per task among its classes)",
+    "gauss_covariance": "Gaussian rules: one covariance per Gaussian ('component') or one per task",
+    "prototypes": "prototype rule: spherical k-means centroids per task",
+}
+
+
+def add_inference_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--task_inference RULE|auto and the statistics' settings (``task_inference.InferenceConfig``) but ``skip``."""
+    add_config_flags(parser, task_inference.InferenceConfig, [f for f in INFERENCE_FLAGS if f not in skip],
+                     INFERENCE_HELP,
+                     {"task_inference": ("auto",) + task_inference.RULES,
+                      "gauss_covariance": gaussians.COVARIANCES})
+
+
+def inference_given(args: argparse.Namespace) -> bool:
+    """Whether any task-inference flag was given."""
+    return bool(given(args, INFERENCE_FLAGS))
+
+
+def inference_from(args: argparse.Namespace, base: task_inference.InferenceConfig,
+                   skip: tuple[str, ...] = ()) -> task_inference.InferenceConfig:
+    """``base`` (a method's preset) with the given task-inference flags (but ``skip``) laid over it; bad values
+    exit 2."""
+    return config_from(task_inference.InferenceConfig, dataclasses.asdict(base), args,
+                       [f for f in INFERENCE_FLAGS if f not in skip])
 
 
 def add_run_flags(p: argparse.ArgumentParser, default_dataset: str, augment: bool = True) -> None:

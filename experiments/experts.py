@@ -37,14 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (UsageError, add_config_flags, add_run_flags, build_scenario, config_from, config_of,
-                                guarded, run_settings, show_progress)
+from experiments.common import (UsageError, add_config_flags, add_inference_flags, add_run_flags, build_scenario,
+                                config_from, config_of, guarded, inference_from, run_settings, show_progress)
 from modkd_jax import loop, masks, metrics, models, rundir, training
 from modkd_jax.methods import baselines, mind
 from modkd_jax.methods import experts as X
 
 METHODS = ("experts", "monolithic", "mind")
-FLAGS = tuple(f.name for f in dataclasses.fields(X.ExpertsConfig))
+FLAGS = tuple(f.name for f in dataclasses.fields(X.ExpertsConfig) if f.name != "inference")
 HELP = {"hidden": "widths of one expert MLP", "max_experts": "pool capacity (0: one per task)",
         "embed_dim": "random projection width (0: raw pixels)", "prototypes": "k-means prototypes per task",
         "reuse_threshold": "share of a new task's inputs that must fit an expert for it to be reused",
@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no_preserve", action="store_true", help="skip the knowledge-preservation protocol")
     add_config_flags(p, X.ExpertsConfig, FLAGS, HELP, CHOICES)
+    add_inference_flags(p, skip=("prototypes",))  # the experts' router keeps its own --prototypes
     return p
 
 
@@ -73,7 +74,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     preset = X.PRESETS[args.dataset]
     cfg = run_settings(args, preset)
     cfg.pop("seed")
-    ecfg = config_from(X.ExpertsConfig, preset, args, FLAGS)
+    ecfg = config_from(X.ExpertsConfig, preset, args, FLAGS,
+                       inference=inference_from(args, X.preset_config(args.dataset).inference, skip=("prototypes",)))
     return {**cfg, "seeds": list(args.seeds if args.seeds is not None else [args.seed]),
             "methods": list(dict.fromkeys(args.methods)), "preserve": not args.no_preserve,
             "experts": dataclasses.asdict(ecfg)}
@@ -101,7 +103,7 @@ def unit_learner(method: str, ecfg: X.ExpertsConfig, dataset: str, scenario, wid
                                         eval_batch_size=ecfg.eval_batch_size)
         return baselines.learner(bcfg, scenario), {"baseline": dataclasses.asdict(bcfg)}
     mcfg = mind.preset_config(dataset, arch="mlp", hidden=hidden, epochs=ecfg.epochs, distill_epochs=ecfg.epochs,
-                              batch_size=ecfg.batch_size)
+                              batch_size=ecfg.batch_size, inference=ecfg.inference)
     return mind.learner(mcfg, scenario), {"mind": dataclasses.asdict(mcfg)}
 
 
@@ -149,7 +151,7 @@ def summarize_unit(method: str, res: dict, input_dim: int) -> dict:
         f = res["flops"]
         activated = metrics.average_accuracy(R["activated"])
         out.update(routing_acc=metrics.average_accuracy(R["routing"]), activated=activated,
-                   flops_cil=f["router"] + activated * f["expert_forward"], flops_til=f["til"],
+                   flops_cil=f["inference"] + activated * f["expert_forward"], flops_til=f["til"],
                    params=res["params"]["total"])
         return out
     sc, key = res["config"], ("mind" if method == "mind" else "baseline")
@@ -158,6 +160,11 @@ def summarize_unit(method: str, res: dict, input_dim: int) -> dict:
     f = X.mlp_flops(input_dim, shape, classes)
     out.update(flops_til=f, flops_cil=f * (T if method == "mind" else 1), activated=float("nan"),
                params=res["params"]["student" if method == "mind" else "model"])
+    if method == "mind":  # the rule in use: the Gaussians (a multiply-add per stored float) pick one sub-network
+        ti = res["task_inference"]
+        rule = ti["rule_in_use"][-1]
+        if rule in ("gauss_input", "prototype"):
+            out["flops_cil"] = f + T * ti["bytes_per_task"][rule] / 2
     if method == "mind":
         out["routing_acc"] = metrics.average_accuracy(R["task_id"])
     return out

@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import (add_config_flags, add_parallel_flags, add_run_flags, config_from,
-                                config_of, guarded, mesh_from_args, run_on_scenario, run_settings, show_progress)
+from experiments.common import (add_config_flags, add_inference_flags, add_parallel_flags, add_run_flags, config_from,
+                                config_of, guarded, inference_from, mesh_from_args, run_on_scenario, run_settings,
+                                show_progress)
 from modkd_jax import losses, models
 from modkd_jax.methods import mind
 
@@ -59,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p, default_dataset="cifar100")
     add_config_flags(p, mind.MindConfig, FLAGS, HELP, CHOICES, types={"temperature": _temperature})
+    add_inference_flags(p)
     add_parallel_flags(p)
     return p
 
@@ -67,7 +69,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting of the run (MindConfig defaults < dataset preset < flags), as in config.json."""
     preset = mind.PRESETS[args.dataset]
     cfg = run_settings(args, preset)
-    overrides = {}
+    overrides = {"inference": inference_from(args, mind.preset_config(args.dataset).inference)}
     if args.temperature == "auto":
         overrides["temperature"] = None
     if args.no_augment:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import parallel, routing
+from modkd_jax import masks, parallel, routing, task_inference
 from modkd_jax.data import batching
 
 
@@ -71,23 +71,31 @@ def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int
     return {r: np.asarray([c[r] / n if n else np.nan for c, n in per_split], float) for r in rules}
 
 
-def make_subnet_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std) -> Callable:
-    """``counts(params, batch_stats, owner, x, y, valid, true_task, seen, tau)`` of every sub-network, jitted.
+def make_subnet_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, kinds,
+                       rules: tuple[str, ...] = task_inference.SUBNET_RULES) -> Callable:
+    """``counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau)`` of every sub-network, jitted.
 
-    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_logits``);
-    the class-incremental rules choose among the first ``seen`` from ``softmax(z_j / tau)``.
-    ``tau`` (the inference temperature) is traced, so choosing it compiles nothing new.
+    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_outputs``);
+    every task-inference rule of ``rules`` chooses among the first ``seen`` (``task_inference.infer``)
+    and the class is the chosen sub-network's. ``inference`` holds the fitted statistics and the
+    rule in use (``task_inference.init_stats``); ``tau`` (the inference temperature) is traced,
+    so choosing it compiles nothing new. Returns ``til`` and ``task_inference.rule_counts``.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
-    def counts(params, batch_stats, owner, x, y, valid, true_task, seen, tau):
+    def counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau):
         xf = batching.to_float(x, mean, std)
-        logits = routing.subnet_logits(apply_fn, params, batch_stats, owner, xf, task_count, block_size)
-        probs = jax.nn.softmax(logits / tau, axis=-1)
-        out = {rule: jnp.sum(valid & (task == true_task) & (cls == y))
-               for rule, (task, cls) in routing.predictions(probs, true_task, seen).items()}
-        out["task_id"] = jnp.sum(valid & (routing.max_prob_task(probs, seen) == true_task))
+        logits, features = routing.subnet_outputs(apply_fn, params, batch_stats, owner, xf, task_count, block_size)
+        grad = None
+        if "entropy_grad" in rules:
+            grad = task_inference.entropy_gradient(apply_fn, params, batch_stats, owner, kinds, xf, seen,
+                                                   task_count, block_size)
+        tasks = task_inference.infer(rules, logits, seen, tau=tau, x=task_inference.pixels(x), stats=inference,
+                                     features=features, grad=grad)
+        cls = jnp.argmax(logits, axis=-1)  # (T, B): every sub-network's class
+        out = {"til": jnp.sum(valid & (cls[true_task] == y))}
+        out.update(task_inference.rule_counts(tasks, cls, y, valid, true_task, inference["rule"]))
         return out
 
     return counts
@@ -152,3 +160,65 @@ def block_accuracy(counts: Callable, variables, split, task: int, batch_size: in
     if len(split.y) == 0:
         return float("nan")
     return float(accuracies(counts, (variables,), [split], task + 1, batch_size, [task])["til"][0])
+
+
+def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
+    """``features(params, batch_stats, owner, x, task) -> (B, h)``: sub-network ``task``'s penultimate features, jitted."""
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+    @jax.jit
+    def features(params, batch_stats, owner, x, task):
+        gated = masks.gate(params, masks.forward_mask(owner, task))
+        return apply_fn({"params": gated, "batch_stats": batch_stats}, batching.to_float(x, mean, std), task,
+                        train=False, with_features=True)[1]
+
+    return features
+
+
+def features_of(features: Callable, args: tuple, x: np.ndarray, task: int, batch_size: int) -> np.ndarray:
+    """``features(*args, batch, task)`` of every image of ``x``, in order: ``(n, h)``."""
+    n = parallel.devices_of(features)
+    batch_size = -(-max(1, min(batch_size, len(x))) // n) * n
+    rows = [np.asarray(features(*args, xb, jnp.int32(task)))[valid]
+            for xb, _, valid in pad_batches(x, np.zeros(len(x), np.int32), batch_size)]
+    return np.concatenate(rows)
+
+
+def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], counts: Callable, args: tuple, splits,
+                seen: int, batch_size: int, extra: tuple = ()) -> tuple[int, dict]:
+    """The task-inference rule in use after ``seen`` tasks: ``(index into rules, info)``.
+
+    A fixed rule is used as configured; ``auto`` takes the rule with the best task identification
+    (``task_id_<rule>`` of ``counts``) on ``splits``, the seen tasks' validation splits (never a test split).
+    """
+    if cfg.task_inference != "auto":
+        return rules.index(cfg.task_inference), {"rule": cfg.task_inference}
+    per_split = counts_per_split(counts, args, splits, seen, batch_size, extra=extra)
+    examples = sum(n for _, n in per_split)
+    if examples == 0:
+        raise ValueError("choosing the task-inference rule needs validation examples")
+    val = {r: float(sum(c[f"task_id_{r}"] for c, n in per_split if n)) / examples for r in rules}
+    rule = task_inference.choose(val, rules)
+    return rules.index(rule), {"rule": rule, "val_task_id": val}
+
+
+def fit_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
+                         args: tuple, batch_size: int, key: jax.Array):
+    """Task ``t``'s task-inference statistics, from its training split only, for sub-network methods.
+
+    ``features`` is ``make_subnet_features``'s function and ``args`` its ``(params, batch_stats, owner)``.
+    """
+    train = scenario.tasks[t].train
+    kwargs = {"x": np.asarray(train.x.reshape(len(train.x), -1), np.float32) / 255.0}
+    if "gauss_own" in inference:
+        kwargs["own"] = features_of(features, args, train.x, t, batch_size)
+    if "gauss_first" in inference:
+        kwargs["first"] = features_of(features, args, train.x, 0, batch_size)
+    return task_inference.fit_task(cfg, inference, t, train.y, len(scenario.tasks[t].classes), key=key, **kwargs)
+
+
+def inference_report(inference, rules: tuple[str, ...], infos: list[dict]) -> dict:
+    """results.json's ``task_inference``: the rule in use after each task, its validation evidence, bytes per task."""
+    return {"task_inference": {"rules": list(rules), "rule_in_use": [i["task_inference"]["rule"] for i in infos],
+                               "val_task_id": [i["task_inference"].get("val_task_id") for i in infos],
+                               "bytes_per_task": task_inference.bytes_per_task(inference, rules)}}

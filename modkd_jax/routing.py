@@ -15,6 +15,7 @@ the default; ``benchmarks/inference.py`` compares both on any device.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -33,6 +34,24 @@ def subnet_logits(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner
         gated = masks.gate(params, masks.forward_mask(owner, task))
         logits = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False)
         return jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1)
+
+    tasks = jnp.arange(task_count)
+    if strategy == "vmap":
+        return jax.vmap(one)(tasks)
+    if strategy == "map":
+        return jax.lax.map(one, tasks)
+    raise ValueError(f"unknown strategy {strategy!r}; expected 'map' or 'vmap'")
+
+
+def subnet_outputs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
+                   task_count: int, block_size: int, strategy: str = "map") -> tuple[jax.Array, jax.Array]:
+    """``(logits (T, B, block), features (T, B, h))`` of every sub-network (a model taking ``with_features``)."""
+
+    def one(task):
+        gated = masks.gate(params, masks.forward_mask(owner, task))
+        logits, h = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False,
+                             with_features=True)
+        return jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1), h
 
     tasks = jnp.arange(task_count)
     if strategy == "vmap":
@@ -110,6 +129,20 @@ def prototype_scores(emb: jax.Array, prototypes: jax.Array, membership: jax.Arra
     """
     sims = l2_normalize(emb) @ l2_normalize(prototypes).T  # (B, P)
     return jnp.max(jnp.where(membership[None], sims[:, None, :], -jnp.inf), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iters"))
+def spherical_kmeans(key: jax.Array, z: jax.Array, k: int, iters: int = 20) -> jax.Array:
+    """``k`` unit centroids of unit vectors ``z`` (cosine k-means from ``k`` distinct random points)."""
+    centroids = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
+
+    def body(c, _):
+        assign = jnp.argmax(z @ c.T, axis=1)
+        sums = jax.ops.segment_sum(z, assign, k)
+        sizes = jax.ops.segment_sum(jnp.ones(z.shape[0]), assign, k)
+        return jnp.where(sizes[:, None] > 0, l2_normalize(sums), c), None
+
+    return jax.lax.scan(body, centroids, None, iters)[0]
 
 
 def route(emb: jax.Array, prototypes: jax.Array, membership: jax.Array) -> jax.Array:

@@ -140,12 +140,13 @@ def main() -> int:
 
     # 3. class-incremental inference over every sub-network (test split of both tasks, padded batches)
     params, bs = one_d[0], one_d[1]
-    ev8 = parallel.data_parallel(m.subnet_counts, mesh, batch_argnums=(3, 4, 5), donate_argnums=())
+    ev8 = parallel.data_parallel(m.subnet_counts, mesh, batch_argnums=(4, 5, 6), donate_argnums=())
+    inference = s_state["inference"]
     for j, t in enumerate(scenario.tasks):
         x, y = t.test.x[:32], t.test.y[:32]
         valid = np.ones(len(y), bool)
-        c1 = m.subnet_counts(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
-        c8 = ev8(params, bs, owner, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
+        c1 = m.subnet_counts(params, bs, owner, inference, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
+        c8 = ev8(params, bs, owner, inference, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
         close(f"subnet_eval counts task {j}", c1, c8)
     xf = data.batching.to_float(scenario.tasks[0].test.x[:32], *scenario.norm)
     for strategy in ("vmap",):  # "map" ran inside make_subnet_counts above

@@ -133,15 +133,18 @@ def test_the_dense_evaluator_equals_running_only_the_chosen_experts(reused):
         return np.asarray(jnp.argmax(X.mix(z, w), -1))
 
     got = X.evaluate(ex, state, [t.test for t in ex.scenario.tasks], seen=3)
+    chosen = X.INFERENCE[int(state["inference"]["rule"])]
     for j in range(3):
         x, y = ex.scenario.tasks[j].test.x, ex.scenario.tasks[j].test.y
         expert, task = (np.asarray(a) for a in X.route(router, X.embed(router["projection"], x)))
         cil = [task[i] == j and predict(x[i:i + 1], int(task[i]))[0] == y[i] for i in range(len(y))]
         assert got["til"][j] == pytest.approx(np.mean(predict(x, j) == y))
-        assert got["cil"][j] == pytest.approx(np.mean(cil))
+        assert got["cil_prototype"][j] == pytest.approx(np.mean(cil))  # the router's task
         assert got["routing"][j] == pytest.approx(np.mean(membership[expert, j]))
-        assert got["task_id"][j] == pytest.approx(np.mean(task == j))
-        assert got["activated"][j] == pytest.approx(np.mean(membership[:, task].sum(0)))
+        assert got["task_id_prototype"][j] == pytest.approx(np.mean(task == j))
+        assert got["cil"][j] == got[f"cil_{chosen}"][j] and got["task_id"][j] == got[f"task_id_{chosen}"][j]
+        if chosen == "prototype":  # experts run per prediction: those of the task the rule in use infers
+            assert got["activated"][j] == pytest.approx(np.mean(membership[:, task].sum(0)))
 
 
 def test_knowledge_transfer_copies_exactly_the_selected_parameters():
@@ -219,7 +222,7 @@ def test_learner_resumes_after_a_stop_with_the_same_numbers(tmp_path):
         np.testing.assert_array_equal(np.asarray(res["accuracy_matrix"][rule], float), whole["accuracy_matrix"][rule])
     untimed = lambda infos: [{k: v for k, v in i.items() if k != "seconds"} for i in infos]  # noqa: E731
     assert untimed(res["task_infos"]) == untimed(whole["task_infos"])
-    assert set(res["flops"]) == {"til", "expert_forward", "router", "xla_expert_forward"}
+    assert set(res["flops"]) == {"til", "expert_forward", "router", "xla_expert_forward", "inference"}
     assert res["params"] == X.pool_params(cfg, sc)
     assert res["params"]["experts"] == 2 * X.mlp_params((32, 32), 10, 5, sc.input_shape)  # max_experts
 
@@ -245,8 +248,14 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
     assert abs(p["monolithic"] - p["experts"]) / p["experts"] < 0.02
     assert abs(p["mind"] - p["experts"]) / p["experts"] < 0.1
     flops = {m: agg[m]["flops_cil"]["mean"] for m in agg}
-    assert flops["experts"] < flops["monolithic"] < flops["mind"]
     unit = json.loads((run / "experts_s0" / "results.json").read_text())
+    # a CIL prediction costs the rule in use (the router alone, or every seen task's Gaussians ...) plus the
+    # experts of the task it infers
+    rule = unit["task_inference"]["rule_in_use"][-1]
+    assert (unit["flops"]["inference"] == unit["flops"]["router"]) == (rule == "prototype")
+    assert flops["experts"] == pytest.approx(np.mean([
+        json.loads((run / f"experts_s{s}" / "results.json").read_text())["flops"]["inference"] for s in (0, 1)])
+        + agg["experts"]["activated"]["mean"] * unit["flops"]["expert_forward"])
     assert unit["flops"]["xla_expert_forward"] == pytest.approx(unit["flops"]["expert_forward"], rel=0.1)
     # one expert per task here; new experts leave earlier ones untouched: no task-incremental forgetting
     assert np.asarray(unit["membership"]).sum() == 5 and agg["experts"]["til_forgetting"]["mean"] == 0.0

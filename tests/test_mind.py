@@ -43,7 +43,7 @@ def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path):
     messages = []
     resumed = cli.run(cfg, tmp_path / "part", echo=messages.append)
     assert any("resuming" in m and "after task 1" in m for m in messages)
-    for rule in ("til", "cil", "cil_entropy"):
+    for rule in ("til", "cil", "task_id", "cil_top2_entropy", "cil_gauss_input"):
         np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule]),
                                       np.asarray(whole["accuracy_matrix"][rule]))
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
@@ -126,6 +126,7 @@ def test_main_command_path_cifar100_ten_tasks_on_mock_data(tmp_path):
     assert np.asarray(res["accuracy_matrix"]["til"]).shape == (10, 10)
     assert res["params"]["teacher"] == 470_004 - 90 * 64 - 90  # ResNet-32 with a 10-class head
     assert res["inference_temperature"] == [6.5] * 10  # the reference's tau for CIFAR-100
+    assert res["task_inference"]["rule_in_use"] == ["max_prob"] * 10  # the paper's rule (no validation split)
 
 
 @pytest.mark.parametrize("extra", [

@@ -40,7 +40,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, masks, models, parallel, training
+from modkd_jax import evaluation, losses, masks, models, parallel, task_inference, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
@@ -75,6 +75,7 @@ class BaselineConfig:
     temperature: float = 6.5  # PackNet inference temperature (max-probability rule), MIND's tau
     crop_flip: bool = True
     eval_batch_size: int = 512
+    inference: task_inference.InferenceConfig = task_inference.InferenceConfig()  # PackNet's task inference
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -110,6 +111,7 @@ class Baseline:
     counts: Callable
     fisher_fn: Callable | None  # EWC
     block_counts: Callable | None  # PackNet: one sub-network on its own block (validation)
+    features: Callable | None  # PackNet: a sub-network's features (task-inference statistics)
 
     @property
     def task_count(self) -> int:
@@ -117,8 +119,10 @@ class Baseline:
 
     @property
     def rules(self) -> tuple[str, ...]:
-        """Accuracy rules this method reports (the entropy rule needs sub-networks)."""
-        return ("til", "cil", "cil_entropy") if self.cfg.method == "packnet" else ("til", "cil")
+        """Accuracy rules this method reports (task-inference rules need sub-networks)."""
+        if self.cfg.method == "packnet":  # evaluate also gives cil_<rule> / task_id_<rule> of every rule
+            return ("til", "cil", "task_id")
+        return ("til", "cil")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,11 +239,15 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
     T = scenario.task_count
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
+    features = None
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
         model = _build(cfg, k * T, T)
         apply_fn = model.apply
+        cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
         step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
-        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std)
+        kinds = models.leaf_kinds(models.init(model, jax.random.key(0), scenario.input_shape)[0])
+        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds)
+        features = evaluation.make_subnet_features(apply_fn, mean, std)
         fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
         model = _build(cfg, k * T, 1)
@@ -253,13 +261,15 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
         block_counts = None
     if mesh is not None:  # the same functions with sharding annotations; batches split along "data"
         step = parallel.data_parallel(step, mesh)
-        counts = parallel.data_parallel(counts, mesh, batch_argnums=(3, 4, 5) if cfg.method == "packnet"
+        counts = parallel.data_parallel(counts, mesh, batch_argnums=(4, 5, 6) if cfg.method == "packnet"
                                         else (1, 2, 3), donate_argnums=())
+        if features is not None:
+            features = parallel.data_parallel(features, mesh, batch_argnums=(3,), donate_argnums=())
         if block_counts is not None:
             block_counts = parallel.data_parallel(block_counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
     params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
     return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, counts, fisher_fn,
-                    block_counts)
+                    block_counts, features)
 
 
 def init_state(b: Baseline, key: jax.Array) -> PyTree:
@@ -268,6 +278,9 @@ def init_state(b: Baseline, key: jax.Array) -> PyTree:
     state = {"params": params, "batch_stats": batch_stats}
     if b.cfg.method == "packnet":
         state["owner"] = masks.init_owners(params, b.kinds, (b.block_size,) * b.task_count)
+        state["inference"] = task_inference.init_stats(b.cfg.inference, task_inference.SUBNET_RULES, b.task_count,
+                                                       b.block_size, int(np.prod(b.scenario.input_shape)),
+                                                       models.feature_dim(b.model, b.scenario.input_shape))
     if b.cfg.method == "ewc":
         state["fisher"] = jax.tree.map(jnp.zeros_like, params)
     return state
@@ -307,7 +320,7 @@ def _prune_free(params: PyTree, owner: PyTree, kinds: PyTree) -> PyTree:
 
 def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, progress) -> tuple[PyTree, dict]:
     cfg, task, T = b.cfg, b.scenario.tasks[t], b.task_count
-    k_train, k_retrain = jax.random.split(key)
+    k_train, k_retrain, k_stats = jax.random.split(key, 3)
     params, batch_stats, owner = state["params"], state["batch_stats"], state["owner"]
     # Train the free weights; earlier tasks' weights compute but stay frozen (FREE = -1 <= t).
     fwd = jax.tree.map(lambda o: o <= t, owner)
@@ -320,8 +333,15 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
     params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
                                   Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
-    state = {"params": params, "batch_stats": batch_stats, "owner": owner}
-    info = {"val_til_acc": evaluation.block_accuracy(
+    inference = evaluation.fit_subnet_inference(cfg.inference, state["inference"], b.scenario, t, b.features,
+                                                (params, batch_stats, owner), cfg.eval_batch_size, k_stats)
+    rule, choice = evaluation.choose_rule(cfg.inference, task_inference.SUBNET_RULES, b.counts,
+                                          (params, batch_stats, owner, inference),
+                                          [b.scenario.tasks[j].val for j in range(t + 1)], t + 1,
+                                          cfg.eval_batch_size, extra=(jnp.float32(cfg.temperature),))
+    inference["rule"] = jnp.int32(rule)
+    state = {"params": params, "batch_stats": batch_stats, "owner": owner, "inference": inference}
+    info = {"task_inference": choice, "val_til_acc": evaluation.block_accuracy(
                 b.block_counts, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,
                 cfg.eval_batch_size),
             "capacity_left": masks.capacity_left(owner, b.kinds)}
@@ -361,10 +381,10 @@ def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable
 
 
 def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
-    """Accuracy per rule (til, cil[, cil_entropy], task_id) on ``splits`` of tasks ``task_ids`` (default 0..)."""
+    """Accuracy per rule (til, cil[, task_id and every task-inference rule]) on ``splits`` of ``task_ids``."""
     if b.cfg.method == "packnet":
-        return evaluation.accuracies(b.counts, (state["params"], state["batch_stats"], state["owner"]), splits,
-                                     seen, b.cfg.eval_batch_size, task_ids, extra=(jnp.float32(b.cfg.temperature),))
+        return evaluation.accuracies(b.counts, (state["params"], state["batch_stats"], state["owner"],
+                                                state["inference"]), splits, seen, b.cfg.eval_batch_size, task_ids, extra=(jnp.float32(b.cfg.temperature),))
     return evaluation.accuracies(b.counts, ({"params": state["params"], "batch_stats": state["batch_stats"]},),
                                  splits, seen, b.cfg.eval_batch_size, task_ids)
 
@@ -377,4 +397,8 @@ def learner(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -
                    learn_task=lambda state, t, key, **kw: learn_task(b, state, t, key, **kw),
                    evaluate=lambda state, seen: evaluate(b, state, tests, seen),
                    param_counts=lambda state: {"model": models.param_count(state["params"])},
+                   report=(lambda state, infos: evaluation.inference_report(
+                       state["inference"], task_inference.SUBNET_RULES, infos)) if cfg.method == "packnet" else None,
+                   describe=(lambda info: f"task inference {info['task_inference']['rule']}")
+                   if cfg.method == "packnet" else None,
                    **scenario_fields(scenario))

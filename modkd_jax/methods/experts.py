@@ -51,7 +51,6 @@ one batch in one compiled call for ``evaluation.accuracies``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -59,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import evaluation, losses, masks, models, routing, training
+from modkd_jax import evaluation, losses, masks, models, routing, task_inference, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
@@ -68,7 +67,8 @@ from modkd_jax.methods.mind import block_size_of
 
 PyTree = Any
 ALLOCATIONS = ("entropy", "new")
-RULES = ("til", "cil", "routing", "task_id", "activated")
+INFERENCE = task_inference.LOGIT_RULES + ("gauss_input", "prototype")  # prototype: the router itself, last
+RULES = ("til",) + task_inference.result_rules(INFERENCE) + ("routing", "activated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,7 @@ class ExpertsConfig:
     stats_examples: int = 2000  # held-out inputs per task for routing statistics
     old_hidden: tuple[int, ...] = (64, 64)  # preservation: widths of the deprecated model
     keep: float = 0.5  # preservation: share of each deprecated kernel kept by importance
+    inference: task_inference.InferenceConfig = task_inference.InferenceConfig()  # class-incremental task inference
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
@@ -152,20 +153,6 @@ def embed(projection: jax.Array, x_uint8: jax.Array) -> jax.Array:
     """Unit-norm embedding of uint8 images: pixels in [0, 1], flattened, projected (or not, if empty)."""
     flat = x_uint8.reshape(x_uint8.shape[0], -1).astype(jnp.float32) / 255.0
     return routing.l2_normalize(flat @ projection if projection.shape[-1] else flat)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "iters"))
-def spherical_kmeans(key: jax.Array, z: jax.Array, k: int, iters: int = 20) -> jax.Array:
-    """``k`` unit centroids of unit vectors ``z`` (cosine k-means from ``k`` distinct random points)."""
-    centroids = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
-
-    def body(c, _):
-        assign = jnp.argmax(z @ c.T, axis=1)
-        sums = jax.ops.segment_sum(z, assign, k)
-        sizes = jax.ops.segment_sum(jnp.ones(z.shape[0]), assign, k)
-        return jnp.where(sizes[:, None] > 0, routing.l2_normalize(sums), c), None
-
-    return jax.lax.scan(body, centroids, None, iters)[0]
 
 
 def task_scores(emb: jax.Array, prototypes: jax.Array, seen: jax.Array) -> jax.Array:
@@ -303,32 +290,38 @@ def make_loss(model, cfg: ExpertsConfig, block_size: int, num_tasks: int, distil
 
 
 def make_counts(model, cfg: ExpertsConfig, block_size: int, mean, std) -> Callable:
-    """``counts(pool, router, x, y, valid, true_task, seen)`` of every rule in ``RULES``, jitted.
+    """``counts(pool, router, inference, x, y, valid, true_task, seen)`` of every rule in ``RULES``, jitted.
 
-    til: the true task's experts; cil: routed to the right task and class;
-    routing: routed to an expert of the true task; task_id: inferred task right;
-    activated: experts a prediction runs (its inferred task's). One compiled call
-    runs every expert (weight 0 drops out exactly); the router holds what is seen.
+    til: the true task's experts; cil / task_id (and ``cil_<rule>`` / ``task_id_<rule>``): the task
+    inferred by the rule in use (every rule of ``INFERENCE``; ``prototype`` is the router's), the class
+    by that task's experts; routing: routed to an expert of the true task; activated: experts a
+    prediction runs (its inferred task's). One compiled call runs every expert for every task (weight 0
+    drops out exactly); the router holds what is seen.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
-
     @jax.jit
-    def counts(pool, router, x, y, valid, true_task, seen):
+    def counts(pool, router, inference, x, y, valid, true_task, seen):
         xf, emb = batching.to_float(x, mean, std), embed(router["projection"], x)
-        expert, task = route(router, emb)
+        expert, routed = route(router, emb)
+        num_tasks = router["prototypes"].shape[0]
 
-        def predicted(t):  # the class of the mixture of task t's experts (t: one, or one per input)
-            logits = jax.vmap(lambda v: model.apply(v, xf, t, train=False))(pool)
-            w = task_weights(router, emb, t, cfg.top_k, cfg.route_temperature)
-            return jnp.argmax(mix(block_at(logits, t, block_size), w), -1)
+        def per_task(t):  # task t's mixture: log-probabilities (B, k) and free energy (B,)
+            logits = block_at(jax.vmap(lambda v: model.apply(v, xf, t, train=False))(pool), t, block_size)
+            w = task_weights(router, emb, t, cfg.top_k, cfg.route_temperature)  # (B, E)
+            return mix(logits, w), jnp.sum(w.T * jax.nn.logsumexp(logits, axis=-1), axis=0)
 
+        mixed, energy = jax.lax.map(per_task, jnp.arange(num_tasks))
+        tasks = task_inference.infer(INFERENCE[:-1], mixed, seen, x=task_inference.pixels(x), stats=inference,
+                                     energy=energy)
+        tasks["prototype"] = routed
+        cls = jnp.argmax(mixed, axis=-1)
+        out = {"til": jnp.sum(valid & (cls[true_task] == y))}
+        out.update(task_inference.rule_counts(tasks, cls, y, valid, true_task, inference["rule"]))
+        chosen = jnp.stack([tasks[r] for r in INFERENCE])[inference["rule"]]
         member = router["membership"]
-        right = predicted(true_task) == y  # where the task is inferred right, CIL predicts with the same experts
-        return {"til": jnp.sum(valid & right),
-                "cil": jnp.sum(valid & (task == true_task) & right),
-                "routing": jnp.sum(valid & member[expert, true_task]),
-                "task_id": jnp.sum(valid & (task == true_task)),
-                "activated": jnp.sum(jnp.where(valid, member[:, task].sum(0), 0))}
+        out["routing"] = jnp.sum(valid & member[expert, true_task])
+        out["activated"] = jnp.sum(jnp.where(valid, member[:, chosen].sum(0), 0))
+        return out
 
     return counts
 
@@ -374,6 +367,7 @@ class Experts:
 def setup(cfg: ExpertsConfig, scenario: Scenario) -> Experts:
     """Expert network, compiled steps and counts functions for ``cfg`` on ``scenario``."""
     k, T = block_size_of(scenario), scenario.task_count
+    cfg.inference.check(INFERENCE, all(len(task.val.y) for task in scenario.tasks))
     model = models.build("mlp", k * T, T, hidden=tuple(cfg.hidden))
     mean, std = (jnp.asarray(a, jnp.float32) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr)
@@ -398,8 +392,10 @@ def init_state(ex: Experts, key: jax.Array) -> PyTree:
               "prototypes": jnp.zeros((T, K, ex.cfg.embed_dim or in_dim), jnp.float32),
               "radius": jnp.full((T,), jnp.inf, jnp.float32), "membership": jnp.zeros((E, T), bool),
               "seen": jnp.zeros((T,), bool)}
+    inference = task_inference.init_stats(ex.cfg.inference, INFERENCE, T, ex.block_size, in_dim,
+                                          fitted=("gauss_input",))
     return {"params": params, "batch_stats": batch_stats, "router": router,
-            "counts": jnp.zeros((E, T), jnp.float32), "active": jnp.zeros((E,), bool)}
+            "counts": jnp.zeros((E, T), jnp.float32), "active": jnp.zeros((E,), bool), "inference": inference}
 
 
 def stats_split(ex: Experts, task) -> Split:
@@ -443,7 +439,7 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     experts, decision, alloc = allocate(cfg, t, np.asarray(state["counts"]), fit_count, share, active)
     # 2. the task's prototypes and fit radius, from its training inputs
     z = _embed_all(router["projection"], task.train.x)
-    protos = spherical_kmeans(k_km, z, min(cfg.prototypes, len(z)), cfg.kmeans_iters)
+    protos = routing.spherical_kmeans(k_km, z, min(cfg.prototypes, len(z)), cfg.kmeans_iters)
     protos = jnp.concatenate([protos, jnp.repeat(protos[:1], cfg.prototypes - protos.shape[0], 0)])
     own = jnp.max(z @ protos.T, axis=1)
     old = membership[np.sort(experts)].copy()  # earlier tasks of the chosen experts (LwF when reused)
@@ -468,9 +464,17 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     params, batch_stats, _ = training.run_phase(ex.steps[distill], carry, task.train, ctx, phase, k_train,
                                                 desc=f"task {t} experts {experts}", log=tagged, progress=progress)
     counts = routing_statistics(ex, router, t + 1)
+    # task inference: the task's Gaussians (its training pixels only), the rule in use on the seen tasks' validation
+    inference = task_inference.fit_task(cfg.inference, state["inference"], t, task.train.y, len(task.classes),
+                                        x=np.asarray(task_inference.pixels(task.train.x)), key=k_km)
+    rule, choice = evaluation.choose_rule(cfg.inference, INFERENCE, ex.counts,
+                                          ({"params": params, "batch_stats": batch_stats}, router, inference),
+                                          [ex.scenario.tasks[j].val for j in range(t + 1)], t + 1,
+                                          cfg.eval_batch_size)
+    inference["rule"] = jnp.int32(rule)
     state = {"params": params, "batch_stats": batch_stats, "router": router,
-             "counts": jnp.asarray(counts, jnp.float32), "active": jnp.asarray(active)}
-    info = {"task": t, "experts": experts, "decision": decision, "fit_share": np.asarray(alloc["fit_share"]),
+             "counts": jnp.asarray(counts, jnp.float32), "active": jnp.asarray(active), "inference": inference}
+    info = {"task": t, "task_inference": choice, "experts": experts, "decision": decision, "fit_share": np.asarray(alloc["fit_share"]),
             "entropy_if_reused": np.asarray(alloc["entropy_if_reused"]),
             "specialization": np.asarray(routing.specialization_entropy(counts)), "routing_counts": np.asarray(counts),
             "active_experts": int(active.sum())}
@@ -482,8 +486,8 @@ def evaluate(ex: Experts, state: PyTree, splits, seen: int, task_ids=None) -> di
     task_ids = list(range(len(splits)) if task_ids is None else task_ids)
     done = [i for i, j in enumerate(task_ids) if j < seen]
     pool = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    acc = evaluation.accuracies(ex.counts, (pool, state["router"]), [splits[i] for i in done], seen,
-                                ex.cfg.eval_batch_size, [task_ids[i] for i in done])
+    acc = evaluation.accuracies(ex.counts, (pool, state["router"], state["inference"]), [splits[i] for i in done],
+                                seen, ex.cfg.eval_batch_size, [task_ids[i] for i in done])
     out = {r: np.full(len(splits), np.nan) for r in RULES}
     for r, values in acc.items():
         out[r][done] = values
@@ -522,6 +526,23 @@ def router_flops(in_dim: int, embed_dim: int, num_prototypes: int) -> int:
     return 2 * in_dim * embed_dim + 2 * d * num_prototypes
 
 
+def inference_flops(rule: str, in_dim: int, seen: int, membership: np.ndarray, expert: int, router: int,
+                    gauss: dict) -> float:
+    """FLOPs per example of a class-incremental prediction under ``rule``, before the chosen task's experts run.
+
+    ``prototype``: the router; ``gauss_input``: every seen task's Gaussians (a projection of rank r
+    and a distance per Gaussian); the rules over outputs run every seen task's experts (and the router
+    where a task mixes several).
+    """
+    if rule == "prototype":
+        return router
+    if rule == "gauss_input":
+        G, r = gauss["mean"].shape[1], gauss["basis"].shape[-1]
+        return seen * G * 2 * in_dim * (r + 1)
+    runs = membership[:, :seen].sum()
+    return runs * expert + (router if runs > seen else 0)
+
+
 def compiled_flops(fn: Callable, *args) -> float:
     """FLOPs XLA reports for ``jit(fn)(*args)`` (a cross-check of the analytic counts; loop-free code only)."""
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -529,12 +550,13 @@ def compiled_flops(fn: Callable, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def report(ex: Experts, state: PyTree) -> dict:
-    """FLOPs per prediction, membership, routing counts and pool size of a run.
+def report(ex: Experts, state: PyTree, infos: list[dict]) -> dict:
+    """FLOPs per prediction, membership, routing counts, pool size and task inference of a run.
 
     ``flops["til"]`` runs the true task's experts (plus the router when it mixes
-    several); a class-incremental prediction costs ``flops["router"]`` plus the
-    final ``activated`` accuracy-matrix row's mean times ``flops["expert_forward"]``.
+    several); a class-incremental prediction costs ``flops["inference"]`` (the rule
+    in use, ``inference_flops``) plus the final ``activated`` accuracy-matrix row's
+    mean times ``flops["expert_forward"]``.
     """
     sc, cfg = ex.scenario, ex.cfg
     in_dim, T = int(np.prod(sc.input_shape)), ex.task_count
@@ -546,9 +568,15 @@ def report(ex: Experts, state: PyTree) -> dict:
     seen = np.asarray(state["router"]["seen"])
     til_activated = float(np.mean(membership[:, seen].sum(0))) if seen.any() else 0.0
     router = router_flops(in_dim, cfg.embed_dim, T * cfg.prototypes)
+    inference = evaluation.inference_report(state["inference"], INFERENCE, infos)
+    inference["task_inference"]["bytes_per_task"]["prototype"] = int(state["router"]["prototypes"][0].nbytes)
+    rule = INFERENCE[int(state["inference"]["rule"])]
+    gauss = jax.tree.map(np.asarray, state["inference"]["gauss_input"])
     return {"flops": {"til": til_activated * expert + (router if til_activated > 1 else 0),
-                      "expert_forward": expert, "router": router, "xla_expert_forward": xla},
-            "membership": membership.tolist(), "routing_counts": np.asarray(state["counts"], float).tolist()}
+                      "expert_forward": expert, "router": router, "xla_expert_forward": xla,
+                      "inference": inference_flops(rule, in_dim, int(seen.sum()), membership, expert, router, gauss)},
+            "membership": membership.tolist(), "routing_counts": np.asarray(state["counts"], float).tolist(),
+            **inference}
 
 
 def describe(info: dict) -> str:
@@ -561,10 +589,10 @@ def learner(cfg: ExpertsConfig, scenario: Scenario) -> Learner:
     ex = setup(cfg, scenario)
     tests = [task.test for task in scenario.tasks]
     return Learner(
-        name="experts", rules=RULES[:4], init_state=lambda key: init_state(ex, key),
+        name="experts", rules=("til", "cil", "task_id", "routing"), init_state=lambda key: init_state(ex, key),
         learn_task=lambda state, t, key, **kw: learn_task(ex, state, t, key, **kw),
         evaluate=lambda state, seen: evaluate(ex, state, tests, seen),
-        param_counts=lambda state: pool_params(cfg, scenario), report=lambda state, infos: report(ex, state),
+        param_counts=lambda state: pool_params(cfg, scenario), report=lambda state, infos: report(ex, state, infos),
         describe=describe, **scenario_fields(scenario))
 
 # --- Knowledge preservation ----------------------------------------------------------------------

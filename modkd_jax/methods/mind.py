@@ -29,7 +29,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, masks, models, parallel, training
+from modkd_jax import evaluation, losses, masks, models, parallel, task_inference, training
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods import from_preset
 from modkd_jax.data.scenarios import Scenario
@@ -66,6 +66,7 @@ class MindConfig:
     teacher_bn: str = "running"  # teacher's batch norm while distilling: "running" statistics, or "batch" (train mode)
     bn_init: str = "fresh"  # task t's batch-norm row starts "fresh" (1 / 0) or as a "copy" of row t-1 (reference)
     eval_batch_size: int = 512
+    inference: task_inference.InferenceConfig = task_inference.InferenceConfig()  # class-incremental task inference
 
     def __post_init__(self):
         if self.distill_loss not in losses.DISTILL_LOSSES:
@@ -93,7 +94,8 @@ REFERENCE_BRIGHTNESS = 63 / 255
 _SMALL = dict(arch="mlp", epochs=5, distill_epochs=5, batch_size=128, lr=0.001, distill_lr=0.005, crop_flip=False,
               brightness=0.0, temperature=None, task_count=5, val_fraction=0.1)
 PRESETS = {
-    "cifar100": dict(task_count=10, val_fraction=0.0, brightness=REFERENCE_BRIGHTNESS),
+    "cifar100": dict(task_count=10, val_fraction=0.0, brightness=REFERENCE_BRIGHTNESS,
+                     inference=task_inference.InferenceConfig(task_inference="max_prob")),
     "cifar10": dict(task_count=5, val_fraction=0.1, brightness=REFERENCE_BRIGHTNESS, temperature=None),
     "mnist": _SMALL,
     "fashion_mnist": _SMALL,
@@ -157,6 +159,7 @@ class Mind:
     steps: dict[str, Callable]
     txs: dict[str, Any]
     subnet_counts: Callable
+    features: Callable
     tau_counts: Callable
     teacher_counts: Callable
     student_counts: Callable
@@ -209,14 +212,18 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
         "self_distill": training.make_step(distill, txs["distill"],
                                            training.augmenting(**aug, teacher=self_teacher_logits)),
     }
-    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std),
+    cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
+    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds),
+              evaluation.make_subnet_features(student.apply, mean, std),
               evaluation.make_tau_counts(student.apply, T, k, mean, std),
               evaluation.make_block_counts(teacher.apply, k, mean, std),
               evaluation.make_block_counts(student.apply, k, mean, std))
     if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
         steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
-        counts = (*(parallel.data_parallel(c, mesh, batch_argnums=(3, 4, 5), donate_argnums=()) for c in counts[:2]),
-                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[2:]))
+        counts = (parallel.data_parallel(counts[0], mesh, batch_argnums=(4, 5, 6), donate_argnums=()),
+                  parallel.data_parallel(counts[1], mesh, batch_argnums=(3,), donate_argnums=()),
+                  parallel.data_parallel(counts[2], mesh, batch_argnums=(3, 4, 5), donate_argnums=()),
+                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[3:]))
     return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, *counts)
 
 
@@ -225,7 +232,11 @@ def init_state(mind: Mind, key: jax.Array) -> PyTree:
     params, batch_stats = models.init(mind.student, key, mind.scenario.input_shape)
     owner = masks.init_owners(params, mind.kinds, (mind.block_size,) * mind.task_count)
     tau = 1.0 if mind.cfg.temperature is None else mind.cfg.temperature  # replaced once chosen on validation
-    return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau)}
+    inference = task_inference.init_stats(mind.cfg.inference, task_inference.SUBNET_RULES, mind.task_count,
+                                           mind.block_size, int(np.prod(mind.scenario.input_shape)),
+                                           models.feature_dim(mind.student, mind.scenario.input_shape))
+    return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau),
+            "inference": inference}
 
 
 def copy_bn_row(params: PyTree, kinds: PyTree, batch_stats: PyTree, t: int) -> tuple[PyTree, PyTree]:
@@ -252,7 +263,7 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
                progress: bool = False) -> tuple[PyTree, dict]:
     """Train task ``t`` into ``state``; returns the new state and a summary (val accuracies, seconds)."""
     cfg, task = mind.cfg, mind.scenario.tasks[t]
-    k_teacher, k_sel, k_phase1, k_phase2 = jax.random.split(key, 4)
+    k_teacher, k_sel, k_phase1, k_phase2, k_stats = jax.random.split(key, 5)
     params, batch_stats, owner = state["params"], state["batch_stats"], state["owner"]
     if cfg.bn_init == "copy" and t > 0:  # the reference: task t's batch norm starts where task t-1's ended
         params, batch_stats = copy_bn_row(params, mind.kinds, batch_stats, t)
@@ -295,7 +306,14 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         tau = jnp.float32(chosen)
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
-    state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau}
+    # the task's inference statistics (its training data only), then the rule in use on the seen tasks' validation
+    inference = evaluation.fit_subnet_inference(cfg.inference, state["inference"], mind.scenario, t, mind.features,
+                                                (params, batch_stats, owner), cfg.eval_batch_size, k_stats)
+    inference["rule"], info["task_inference"] = evaluation.choose_rule(
+        cfg.inference, task_inference.SUBNET_RULES, mind.subnet_counts, (params, batch_stats, owner, inference),
+        [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1, cfg.eval_batch_size, extra=(tau,))
+    inference["rule"] = jnp.int32(inference["rule"])
+    state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau, "inference": inference}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
     info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, task.val, t,
                                                             cfg.eval_batch_size)
@@ -305,18 +323,20 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
 
 
 def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
-    """Accuracy per rule (til, cil, cil_entropy, task_id) on ``splits`` of tasks ``task_ids`` (default 0..).
+    """Accuracy per rule (til; cil and task_id of the rule in use and of every rule) on ``splits`` of ``task_ids``.
 
-    The class-incremental rules read ``softmax(z / tau)`` at the state's inference temperature.
+    ``max_prob``, ``entropy`` and ``top2_entropy`` read ``softmax(z / tau)`` at the state's inference temperature.
     """
-    return evaluation.accuracies(mind.subnet_counts, (state["params"], state["batch_stats"], state["owner"]),
+    return evaluation.accuracies(mind.subnet_counts,
+                                 (state["params"], state["batch_stats"], state["owner"], state["inference"]),
                                  splits, seen, mind.cfg.eval_batch_size, task_ids,
                                  extra=(jnp.float32(float(state["tau"])),))
 
 
 def describe(info: dict) -> str:
-    """The per-task line's extras: capacity left and the inference temperature."""
-    return f"capacity left {100 * info['capacity_left']:.1f}%  tau {info['tau']:g}"
+    """The per-task line's extras: capacity left, the inference temperature and the task-inference rule in use."""
+    return (f"capacity left {100 * info['capacity_left']:.1f}%  tau {info['tau']:g}  "
+            f"task inference {info['task_inference']['rule']}")
 
 
 def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
@@ -325,10 +345,13 @@ def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Le
     teacher = models.param_count(models.init(m.teacher, jax.random.key(0), scenario.input_shape)[0])
     tests = [task.test for task in scenario.tasks]
     return Learner(
-        name="mind_self_distillation" if cfg.self_distillation else "mind", rules=("til", "cil", "cil_entropy"),
+        name="mind_self_distillation" if cfg.self_distillation else "mind",
+        rules=("til", "cil", "task_id"),  # headline; evaluate also gives cil_<rule> / task_id_<rule> of every rule
         init_state=lambda key: init_state(m, key),
         learn_task=lambda state, t, key, **kw: learn_task(m, state, t, key, **kw),
         evaluate=lambda state, seen: evaluate(m, state, tests, seen),
         param_counts=lambda state: {"student": models.param_count(state["params"]), "teacher": teacher},
-        report=lambda state, infos: {"inference_temperature": [i["tau"] for i in infos]},
+        report=lambda state, infos: {"inference_temperature": [i["tau"] for i in infos],
+                                     **evaluation.inference_report(state["inference"], task_inference.SUBNET_RULES,
+                                                                   infos)},
         describe=describe, **scenario_fields(scenario))

@@ -33,5 +33,16 @@ def init(model, key: jax.Array, input_shape: tuple[int, ...]):
     return variables["params"], variables["batch_stats"]
 
 
-__all__ = ["ARCHS", "MLP", "ResNet", "STEMS", "TaskBatchNorm", "build", "init", "leaf_kinds", "param_count",
+
+
+def feature_dim(model, input_shape: tuple[int, ...]) -> int:
+    """Width of the features ``model(..., with_features=True)`` returns (shapes only, nothing computed)."""
+    params, batch_stats = jax.eval_shape(lambda: init(model, jax.random.key(0), input_shape))
+    out = jax.eval_shape(lambda p, b: model.apply({"params": p, "batch_stats": b},
+                                                  jnp.zeros((1, *input_shape)), 0, with_features=True),
+                         params, batch_stats)
+    return int(out[1].shape[-1])
+
+
+__all__ = ["ARCHS", "MLP", "ResNet", "STEMS", "TaskBatchNorm", "build", "feature_dim", "init", "leaf_kinds", "param_count",
            "resnet18", "resnet32"]

@@ -110,9 +110,12 @@ class ResNet(nn.Module):
         return jnp.mean(x, axis=(1, 2))
 
     @nn.compact
-    def __call__(self, x: jax.Array, task=0, train: bool = False, weights: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, task=0, train: bool = False, weights: jax.Array | None = None,
+                 with_features: bool = False):
+        """Class-block logits; with ``with_features`` also the pooled features they come from."""
         h = self.features(x, task, train, weights)
-        return nn.Dense(self.num_outputs, dtype=self.dtype, name="classifier")(h).astype(jnp.float32)
+        logits = nn.Dense(self.num_outputs, dtype=self.dtype, name="classifier")(h).astype(jnp.float32)
+        return (logits, h.astype(jnp.float32)) if with_features else logits
 
 
 def _check_impl(conv_impl: str) -> str:

@@ -1,0 +1,143 @@
+"""Task inference, rule x benchmark: class-incremental accuracy, task identified, bytes per task, evaluation time.
+
+    python -m benchmarks.task_inference                    # 3 seeds of MIND's CLI defaults on 3 benchmarks
+    python -m benchmarks.task_inference --seeds 1 --benchmarks split_mnist
+
+Each (benchmark, seed) is the CLI run ``python -m experiments.mind`` with its
+defaults (full data, 5 + 5 epochs, ``--task_inference auto``) in
+``<root>/<benchmark>_s<seed>``: a finished run directory is only read, an
+unfinished one resumes. Per rule the table gives the final class-incremental
+accuracy and the share of test inputs whose task the rule identifies (mean ±
+std over seeds), the bytes of statistics it stores per task, and its
+evaluation time per example relative to ``max_prob``: the final state of seed
+0 restored from its checkpoint, every rule compiled on its own into the
+one-pass evaluator, timed round-robin on all test splits (``common.interleaved``).
+The last row is the rule ``auto`` chose (on validation data) after the last task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = {  # name: CLI flags of experiments.mind
+    "split_mnist": ["--dataset", "mnist", "--task_count", "5"],
+    "split_fashion_mnist": ["--dataset", "fashion_mnist", "--task_count", "5"],
+    "permuted_mnist": ["--dataset", "mnist", "--scenario", "permuted", "--task_count", "10"],
+}
+TITLES = {"split_mnist": "Split MNIST", "split_fashion_mnist": "Split Fashion-MNIST",
+          "permuted_mnist": "Permuted MNIST (10 tasks)"}
+
+
+def run_dir(root: Path, bench: str, seed: int, data_root: Path) -> Path:
+    """Run (or resume, or only read) one CLI run; returns its directory."""
+    from experiments import mind as cli
+
+    workdir = root / f"{bench}_s{seed}"
+    dataset = BENCHMARKS[bench][1]
+    args = BENCHMARKS[bench] + ["--seed", str(seed), "--data_dir", str(data_root / dataset),
+                                "--workdir", str(workdir)]
+    if cli.main(args) != 0:
+        raise SystemExit(f"experiments.mind {' '.join(args)} failed")
+    return workdir
+
+
+def final(R) -> float:
+    """Average accuracy over all tasks after the last one."""
+    return float(np.nanmean(np.asarray(R, float)[-1]))
+
+
+def rule_times(workdir: Path, data_root: Path, rounds: int) -> dict[str, float]:
+    """Seconds per test example of every rule alone in the one-pass evaluator, on the run's final state."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import common
+    from experiments import mind as cli
+    from experiments.common import build_scenario
+    from modkd_jax import checkpoint, evaluation, task_inference
+    from modkd_jax.methods import mind
+
+    cfg = json.loads((workdir / "config.json").read_text())
+    mcfg = cli.mind_config(cfg)
+    scenario = build_scenario(cfg, str(data_root / cfg["dataset"]))
+    m = mind.setup(mcfg, scenario)
+    like = {"state": mind.init_state(m, jax.random.key(0)), "rng": checkpoint.key_to_array(jax.random.key(0))}
+    mngr = checkpoint.manager(workdir)
+    _, ckpt, _ = checkpoint.latest(mngr, like)
+    mngr.close()
+    state = ckpt["state"]
+    mean, std = scenario.norm
+    T = scenario.task_count
+    x = np.concatenate([t.test.x for t in scenario.tasks])[:4096]
+    y, valid = np.zeros(len(x), np.int32), np.ones(len(x), bool)
+    contenders = {}
+    for rule in task_inference.SUBNET_RULES:
+        counts = evaluation.make_subnet_counts(m.student.apply, T, m.block_size, mean, std, m.kinds, rules=(rule,))
+        inference = {**state["inference"], "rule": jnp.int32(0)}
+        args = (state["params"], state["batch_stats"], state["owner"], inference)
+        contenders[rule] = (lambda c=counts, a=args: [c(*a, x[i:i + 512], y[i:i + 512], valid[i:i + 512],
+                                                        jnp.int32(0), jnp.int32(T), state["tau"])
+                                                      for i in range(0, len(x), 512)])
+    seconds = common.interleaved(contenders, rounds=rounds)
+    return {rule: s / len(x) for rule, s in seconds.items()}
+
+
+def table(bench: str, dirs: list[Path], times: dict[str, float]) -> str:
+    """Markdown rows of one benchmark: every rule over the seeds, then the rule auto chose."""
+    res = [json.loads((d / "results.json").read_text()) for d in dirs]
+    rules = res[0]["task_inference"]["rules"]
+    lines = [f"**{TITLES[bench]}** ({len(res)} seeds; TIL {_ms([final(r['accuracy_matrix']['til']) for r in res])})",
+             "", "| rule | CIL % | task identified % | bytes stored per task | eval time / max_prob |",
+             "|---|---|---|---|---|"]
+    for rule in rules:
+        cil = _ms([final(r["accuracy_matrix"][f"cil_{rule}"]) for r in res])
+        tid = _ms([final(r["accuracy_matrix"][f"task_id_{rule}"]) for r in res])
+        size = res[0]["task_inference"]["bytes_per_task"][rule]
+        rel = f"{times[rule] / times['max_prob']:.2f}" if times else "-"
+        lines.append(f"| {rule} | {cil} | {tid} | {_bytes(size)} | {rel} |")
+    chosen = sorted({r["task_inference"]["rule_in_use"][-1] for r in res})
+    lines.append(f"| **auto** (chose {', '.join(chosen)}) | **{_ms([final(r['accuracy_matrix']['cil']) for r in res])}** "
+                 f"| {_ms([final(r['accuracy_matrix']['task_id']) for r in res])} | | |")
+    return "\n".join(lines)
+
+
+def _ms(values) -> str:
+    v = 100 * np.asarray(values, float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def _bytes(n: int) -> str:
+    return "0" if n == 0 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.task_inference", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--root", type=Path, default=Path("runs/task_inference"), help="where the run directories live")
+    p.add_argument("--data_root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (0: no timing)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/task_inference.md"))
+    args = p.parse_args(argv)
+    from benchmarks import common
+
+    parts = [f"# Task inference, rule x benchmark\n\n{common.banner()}\n"]
+    for bench in args.benchmarks:
+        dirs = [run_dir(args.root, bench, s, args.data_root) for s in range(args.seeds)]
+        times = rule_times(dirs[0], args.data_root, args.rounds) if args.rounds else {}
+        parts.append(table(bench, dirs, times))
+        print(parts[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Task inference: which sub-network (or expert) an input nobody labelled with a task belongs to.
+
+Every rule scores each seen task for every input of a batch; all of a
+method's rules run in one compiled evaluation pass (``infer``), and the class
+is then the chosen task's own prediction. Rules:
+
+- ``max_prob`` (MIND's rule): the highest ``softmax(z_t / tau)``.
+- ``top2_entropy`` (the reference's): of the two most confident tasks, the lower entropy.
+- ``energy``: the highest ``logsumexp(z_t)`` (free energy, Liu et al. 2020).
+- ``entropy``: the lowest entropy of ``softmax(z_t / tau)``.
+- ``entropy_grad``: SupSup's one-shot rule (Wortsman et al. 2020), *per example*: every seen
+  sub-network superposed with weight ``1/seen``, the task whose weight's increase lowers the
+  entropy of the output over all seen classes fastest (``-dH/dalpha_t`` highest). The published
+  rule takes the gradient of the entropy summed over a test batch, one task per batch.
+- ``gauss_input``: ``log p(x | t)`` under task t's class-conditional Gaussians of the pixels
+  (``gaussians.fit`` on t's training data when t ends).
+- ``gauss_own``: the same in the penultimate features of t's own sub-network (frozen once t ends).
+- ``gauss_first``: the same in the features of sub-network 0, one fixed space for all tasks.
+- ``prototype``: the best cosine of the pixels to t's spherical k-means prototypes
+  (``routing.prototype_scores``; the experts' router uses its own).
+
+No rule stores an image: statistics are means, covariance factors and
+centroids, kept in the method's state (``init_stats`` / ``fit_task``) so
+checkpoints, resumes and exported sub-networks carry them. ``choose`` picks
+the rule with the best task identification on validation data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modkd_jax import gaussians, masks, routing
+
+PyTree = Any
+LOGIT_RULES = ("max_prob", "top2_entropy", "energy", "entropy")
+GAUSS_RULES = ("gauss_input", "gauss_own", "gauss_first")
+RULES = LOGIT_RULES + ("entropy_grad",) + GAUSS_RULES + ("prototype",)
+SUBNET_RULES = RULES  # sub-networks of an owner map (MIND, PackNet): every rule
+STAT_RULES = GAUSS_RULES + ("prototype",)  # rules with statistics fitted when a task ends
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """How a method infers the task of an input (the CLIs' ``--task_inference`` and ``--gauss_*`` flags)."""
+
+    task_inference: str = "auto"  # a rule of RULES, or "auto": the best task identification on validation
+    gauss_shrinkage: float = 0.2  # covariance shrunk this far toward its scaled identity
+    gauss_rank: int = 30  # eigenvectors kept per covariance (0: the full covariance)
+    gauss_components: int = 0  # Gaussians per class (k-means clusters); 0: 40 per task shared among its classes
+    gauss_covariance: str = "component"  # one covariance per Gaussian, or one pooled per "task"
+    prototypes: int = 10  # centroids per task of the prototype rule
+
+    def __post_init__(self):
+        if self.task_inference != "auto" and self.task_inference not in RULES:
+            raise ValueError(f"unknown task inference rule {self.task_inference!r}; expected 'auto' or one of "
+                             f"{', '.join(RULES)}")
+        if not 0.0 <= self.gauss_shrinkage <= 1.0:
+            raise ValueError(f"gauss_shrinkage must be in [0, 1], got {self.gauss_shrinkage}")
+        if self.gauss_rank < 0 or self.gauss_components < 0 or self.prototypes < 1:
+            raise ValueError("gauss_rank and gauss_components must be >= 0, prototypes >= 1")
+        if self.gauss_covariance not in gaussians.COVARIANCES:
+            raise ValueError(f"unknown gauss_covariance {self.gauss_covariance!r}; expected one of "
+                             f"{', '.join(gaussians.COVARIANCES)}")
+
+    def check(self, rules: tuple[str, ...], has_validation: bool) -> None:
+        """Raise ValueError if the configured rule is not one of the method's, or auto lacks validation data."""
+        if self.task_inference != "auto" and self.task_inference not in rules:
+            raise ValueError(f"task inference rule {self.task_inference!r} is not available here; expected 'auto' "
+                             f"or one of {', '.join(rules)}")
+        if self.task_inference == "auto" and not has_validation:
+            raise ValueError("--task_inference auto chooses on the seen tasks' validation split: pass "
+                             "--val_fraction > 0 or a fixed rule (e.g. --task_inference max_prob)")
+
+
+def pixels(x_uint8: jax.Array) -> jax.Array:
+    """The input space of the statistics: pixels in [0, 1], one row per image."""
+    return x_uint8.reshape(x_uint8.shape[0], -1).astype(jnp.float32) / 255.0
+
+
+def _gauss_kwargs(cfg: InferenceConfig) -> dict:
+    return dict(shrinkage=cfg.gauss_shrinkage, rank=cfg.gauss_rank, components=cfg.gauss_components,
+                covariance=cfg.gauss_covariance)
+
+
+def init_stats(cfg: InferenceConfig, rules: Iterable[str], task_count: int, classes: int, input_dim: int,
+               feature_dim: int = 0, fitted: Iterable[str] | None = None) -> PyTree:
+    """Statistics of no task yet for the rules that keep some, and the rule in use (``"rule"``, an index of ``rules``).
+
+    ``fitted`` (default ``rules``) names the rules whose statistics live here (the experts' router keeps
+    its own prototypes). Every task's entry has its final shape from the start (a checkpoint restores into it).
+    """
+    rules = tuple(rules)
+    out: dict[str, Any] = {"rule": jnp.int32(rules.index(cfg.task_inference) if cfg.task_inference in rules else 0)}
+    for rule in rules if fitted is None else fitted:
+        if rule in GAUSS_RULES:
+            dim = input_dim if rule == "gauss_input" else feature_dim
+            one = gaussians.empty(classes, dim, **_gauss_kwargs(cfg))
+            out[rule] = {k: jnp.asarray(np.stack([v] * task_count)) for k, v in one.items()}
+        elif rule == "prototype":
+            out[rule] = jnp.zeros((task_count, cfg.prototypes, input_dim), jnp.float32)
+    return out
+
+
+def fit_task(cfg: InferenceConfig, stats: PyTree, t: int, y: np.ndarray, classes: int, *, x: np.ndarray | None = None,
+             own: np.ndarray | None = None, first: np.ndarray | None = None, key: jax.Array | None = None) -> PyTree:
+    """``stats`` with row ``t`` fitted from task t's training data only.
+
+    Args:
+      cfg: the Gaussian and prototype settings.
+      stats: from ``init_stats`` (its keys say which rules to fit).
+      t: the task that just ended.
+      y: its task-local training labels.
+      classes: its number of classes.
+      x: its training pixels in [0, 1] ``(n, d)`` (``pixels``).
+      own: features of its training inputs in its own frozen sub-network ``(n, h)``.
+      first: the same in sub-network 0's.
+      key: PRNG key (k-means initialisations).
+    """
+    key = jax.random.key(t) if key is None else key
+    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+    source = {"gauss_input": x, "gauss_own": own, "gauss_first": first}
+    out = dict(stats)
+    for rule in GAUSS_RULES:
+        if rule in stats:
+            fitted = gaussians.fit(source[rule], y, classes, seed=seed, **_gauss_kwargs(cfg))
+            out[rule] = {k: v.at[t].set(fitted[k]) for k, v in stats[rule].items()}
+    if "prototype" in stats:
+        z = routing.l2_normalize(jnp.asarray(x))
+        k = min(cfg.prototypes, len(z))
+        protos = routing.spherical_kmeans(key, z, k)
+        protos = jnp.concatenate([protos, jnp.repeat(protos[:1], cfg.prototypes - k, 0)])
+        out["prototype"] = stats["prototype"].at[t].set(protos)
+    return out
+
+
+def bytes_per_task(stats: PyTree, rules: Iterable[str]) -> dict[str, int]:
+    """Bytes each rule stores per task (0 for the rules that read only the outputs)."""
+    def row(tree):
+        return int(sum(np.asarray(v[0]).nbytes for v in jax.tree.leaves(tree)))
+
+    return {r: row(stats[r]) if r in stats else 0 for r in rules}
+
+
+def superpose(params: PyTree, batch_stats: PyTree, owner: PyTree, kinds: PyTree, alpha: jax.Array):
+    """Every sub-network of an owner map at once, sub-network t weighted ``alpha[t]`` (SupSup's superposition).
+
+    A weight owned by task o computes in every sub-network t >= o, so it is scaled by
+    ``sum_{t >= o} alpha_t``; per-task rows (batch norm) become their ``alpha``-weighted mix in every row.
+    """
+    coef = jnp.cumsum(alpha[::-1])[::-1]
+
+    def mix_rows(a):
+        return jnp.broadcast_to(jnp.tensordot(alpha, a, axes=1), a.shape)
+
+    def leaf(p, o, kind):
+        if kind == masks.PER_TASK:
+            return mix_rows(p)
+        return p * jnp.where(o >= 0, coef[jnp.clip(o, 0)], 0.0).astype(p.dtype)
+
+    return jax.tree.map(leaf, params, owner, kinds), jax.tree.map(mix_rows, batch_stats)
+
+
+def entropy_gradient(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, kinds: PyTree,
+                     x: jax.Array, seen, task_count: int, block_size: int) -> jax.Array:
+    """``dH_b / dalpha_t`` per example b and task t ``(B, T)``: SupSup's one-shot signal, forward-mode, per example.
+
+    ``H_b`` is the entropy of the superposed network's softmax over the classes of
+    the first ``seen`` tasks, at ``alpha_t = 1/seen`` for seen tasks (0 otherwise).
+    """
+    seen_tasks = jnp.arange(task_count) < seen
+    alpha0 = jnp.where(seen_tasks, 1.0 / seen, 0.0).astype(jnp.float32)
+    seen_classes = jnp.repeat(seen_tasks, block_size)
+
+    def entropy_of(alpha):
+        p, bs = superpose(params, batch_stats, owner, kinds, alpha)
+        z = apply_fn({"params": p, "batch_stats": bs}, x, 0, train=False)
+        return routing.entropy(jax.nn.softmax(jnp.where(seen_classes, z, -jnp.inf), axis=-1))
+
+    return jax.jacfwd(entropy_of)(alpha0)
+
+
+def _on_tasks(fn: Callable, stats: PyTree, seen, *args) -> jax.Array:
+    """``fn(stats of task t, *args of t)`` ``(B,)`` for every task, one after another (memory of one task),
+    computed only for the first ``seen`` tasks (``-inf`` for the rest): ``(T, B)``."""
+    T = jax.tree.leaves(stats)[0].shape[0]
+
+    def one(a):
+        t, st, rest = a[0], a[1], a[2:]
+        return jax.lax.cond(t < seen, lambda: fn(st, *rest), lambda: jnp.full(batch, -jnp.inf, jnp.float32))
+
+    batch = (jax.tree.leaves(args)[0].shape[1],)
+    return jax.lax.map(one, (jnp.arange(T), stats, *args))
+
+
+def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, features=None, grad=None,
+           energy=None) -> jax.Array:
+    """How much each input looks like each task under ``rule`` (higher is more): ``(T, B)``.
+
+    Args:
+      rule: a rule of ``RULES`` other than ``top2_entropy``.
+      logits: every task's class-block logits ``(T, B, k)``.
+      seen: tasks learnt so far (the statistics of later ones are not scored).
+      tau: inference temperature of ``max_prob`` and ``entropy``.
+      x: pixels in [0, 1] ``(B, d)`` (``gauss_input``, ``prototype``).
+      stats: the fitted statistics (``init_stats``).
+      features: every sub-network's features ``(T, B, h)`` (``gauss_own``, ``gauss_first``).
+      grad: ``entropy_gradient``'s ``(B, T)``.
+      energy: per-task free energy ``(T, B)`` where a task's logits are a mixture (experts).
+    """
+    if rule == "max_prob":
+        return jnp.max(jax.nn.softmax(logits / tau, axis=-1), axis=-1)
+    if rule == "energy":
+        return jax.nn.logsumexp(logits, axis=-1) if energy is None else energy
+    if rule == "entropy":
+        return -routing.entropy(jax.nn.softmax(logits / tau, axis=-1))
+    if rule == "entropy_grad":
+        return -grad.T
+    if rule == "gauss_input":
+        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, x), stats[rule], seen, logits)
+    if rule == "gauss_own":
+        return _on_tasks(gaussians.task_log_likelihood, stats[rule], seen, features)
+    if rule == "gauss_first":
+        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, features[0]), stats[rule], seen, logits)
+    if rule == "prototype":
+        T, K, d = stats[rule].shape
+        member = jnp.repeat(jnp.eye(T, dtype=bool), K, axis=1)
+        return routing.prototype_scores(x, stats[rule].reshape(T * K, d), member).T
+    raise ValueError(f"rule {rule!r} has no per-task score")
+
+
+def best_seen(score: jax.Array, seen) -> jax.Array:
+    """Per input, the seen task (among the first ``seen``) with the highest score: ``(B,)``."""
+    valid = (jnp.arange(score.shape[0]) < seen)[:, None]
+    return jnp.argmax(jnp.where(valid & ~jnp.isnan(score), score, -jnp.inf), axis=0)
+
+
+def infer(rules: Iterable[str], logits: jax.Array, seen, **kwargs) -> dict[str, jax.Array]:
+    """``{rule: inferred task (B,)}`` for every rule, from one batch's outputs (``scores``' keyword arguments)."""
+    out = {}
+    for rule in rules:
+        if rule == "top2_entropy":
+            out[rule] = routing.entropy_top2_task(jax.nn.softmax(logits / kwargs.get("tau", 1.0), axis=-1), seen)
+        else:
+            out[rule] = best_seen(scores(rule, logits, seen, **kwargs), seen)
+    return out
+
+
+def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid: jax.Array, true_task,
+                chosen) -> dict[str, jax.Array]:
+    """Correct counts per rule: ``cil_<rule>`` (right task and class), ``task_id_<rule>``, and ``cil`` /
+    ``task_id`` of the rule in use (``chosen``, an index into ``tasks``' order).
+
+    ``cls`` is every task's predicted class ``(T, B)``.
+    """
+    batch = jnp.arange(y.shape[0])
+    out = {}
+    for rule, task in tasks.items():
+        right = valid & (task == true_task)
+        out[f"cil_{rule}"] = jnp.sum(right & (cls[task, batch] == y))
+        out[f"task_id_{rule}"] = jnp.sum(right)
+    names = tuple(tasks)
+    out["cil"] = jnp.stack([out[f"cil_{r}"] for r in names])[chosen]
+    out["task_id"] = jnp.stack([out[f"task_id_{r}"] for r in names])[chosen]
+    return out
+
+
+def choose(task_id: dict[str, float], rules: tuple[str, ...]) -> str:
+    """The rule with the best task identification (``{rule: accuracy}`` on validation data); ties to the earlier rule."""
+    best = max(task_id[r] for r in rules)
+    return next(r for r in rules if task_id[r] == best)
+
+
+def result_rules(rules: Iterable[str]) -> tuple[str, ...]:
+    """The accuracy rules a method with these inference rules reports (what ``rule_counts`` returns)."""
+    rules = tuple(rules)
+    return ("cil", "task_id") + tuple(f"cil_{r}" for r in rules) + tuple(f"task_id_{r}" for r in rules)

@@ -2,6 +2,12 @@
 
     python -m benchmarks.task_inference                    # 3 seeds of MIND's CLI defaults on 3 benchmarks
     python -m benchmarks.task_inference --seeds 1 --benchmarks split_mnist
+    python -m benchmarks.task_inference --sweep           # the Gaussian settings on validation data
+
+``--sweep`` fits ``gauss_input`` statistics of the pixels alone (no network)
+for several (components, rank, shrinkage) settings on each benchmark's
+training splits and reports the share of *validation* inputs whose task they
+identify: how the defaults were chosen (never on test data).
 
 Each (benchmark, seed) is the CLI run ``python -m experiments.mind`` with its
 defaults (full data, 5 + 5 epochs, ``--task_inference auto``) in
@@ -101,7 +107,8 @@ def table(bench: str, dirs: list[Path], times: dict[str, float]) -> str:
         rel = f"{times[rule] / times['max_prob']:.2f}" if times else "-"
         lines.append(f"| {rule} | {cil} | {tid} | {_bytes(size)} | {rel} |")
     chosen = sorted({r["task_inference"]["rule_in_use"][-1] for r in res})
-    lines.append(f"| **auto** (chose {', '.join(chosen)}) | **{_ms([final(r['accuracy_matrix']['cil']) for r in res])}** "
+    cil = _ms([final(r["accuracy_matrix"]["cil"]) for r in res])
+    lines.append(f"| **auto** (chose {', '.join(chosen)}) | **{cil}** "
                  f"| {_ms([final(r['accuracy_matrix']['task_id']) for r in res])} | | |")
     return "\n".join(lines)
 
@@ -115,6 +122,38 @@ def _bytes(n: int) -> str:
     return "0" if n == 0 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+SWEEP = ((1, 0, 0.2), (4, 0, 0.2), (1, 30, 0.2), (10, 30, 0.5), (20, 30, 0.2), (20, 30, 0.5))
+
+
+def sweep(bench: str, data_root: Path, settings=SWEEP) -> str:
+    """Validation task identification of pixel Gaussians, one row per (components per class, rank, shrinkage)."""
+    import jax
+    import jax.numpy as jnp
+
+    from modkd_jax import data, gaussians, task_inference
+
+    dataset = BENCHMARKS[bench][1]
+    scenario_name = "permuted" if "--scenario" in BENCHMARKS[bench] else "class_split"
+    scenario = data.build(scenario_name, data.load(dataset, data_dir=str(data_root / dataset)),
+                          int(BENCHMARKS[bench][-1]), seed=0, val_fraction=0.1)
+    score = jax.jit(jax.vmap(gaussians.task_log_likelihood, in_axes=(0, None)))
+    lines = [f"**{TITLES[bench]}**, seed 0, validation split", "",
+             "| Gaussians per class | rank | shrinkage | task identified % | bytes per task |", "|---|---|---|---|---|"]
+    for comps, rank, shrink in settings:
+        fits = [gaussians.fit(np.asarray(task_inference.pixels(t.train.x)), t.train.y, len(t.classes),
+                              shrinkage=shrink, rank=rank, components=comps) for t in scenario.tasks]
+        stats = {k: jnp.asarray(np.stack([f[k] for f in fits])) for k in fits[0]}
+        right = total = 0
+        for j, task in enumerate(scenario.tasks):
+            for i in range(0, len(task.val.y), 1000):
+                s = score(stats, task_inference.pixels(task.val.x[i:i + 1000]))
+                right, total = right + int(jnp.sum(jnp.argmax(s, 0) == j)), total + s.shape[1]
+        lines.append(f"| {comps} | {rank or 'full'} | {shrink} | {100 * right / total:.2f} | "
+                     f"{_bytes(gaussians.nbytes(fits[0]))} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.task_inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,19 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path("runs/task_inference"), help="where the run directories live")
     p.add_argument("--data_root", type=Path, default=Path("../shared/data"))
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (0: no timing)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/task_inference.md"))
+    p.add_argument("--sweep", action="store_true", help="Gaussian settings on validation data (no network)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default benchmarks/results/task_inference.md (--sweep: task_inference_sweep.md)")
     args = p.parse_args(argv)
     from benchmarks import common
 
+    if args.sweep:
+        parts = [f"# Pixel Gaussians, task identified on validation data\n\n{common.banner()}\n"]
+        parts += [sweep(bench, args.data_root) for bench in args.benchmarks if bench != "permuted_mnist"]
+        out = args.out or Path("benchmarks/results/task_inference_sweep.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n\n".join(parts) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     parts = [f"# Task inference, rule x benchmark\n\n{common.banner()}\n"]
     for bench in args.benchmarks:
         dirs = [run_dir(args.root, bench, s, args.data_root) for s in range(args.seeds)]
         times = rule_times(dirs[0], args.data_root, args.rounds) if args.rounds else {}
         parts.append(table(bench, dirs, times))
         print(parts[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n\n".join(parts) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    out = args.out or Path("benchmarks/results/task_inference.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

@@ -73,7 +73,7 @@ def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int
 
 def make_subnet_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, kinds,
                        rules: tuple[str, ...] = task_inference.SUBNET_RULES) -> Callable:
-    """``counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau)`` of every sub-network, jitted.
+    """``counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau)``, jitted.
 
     All ``task_count`` sub-networks run in one compiled call (``routing.subnet_outputs``);
     every task-inference rule of ``rules`` chooses among the first ``seen`` (``task_inference.infer``)
@@ -163,7 +163,7 @@ def block_accuracy(counts: Callable, variables, split, task: int, batch_size: in
 
 
 def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
-    """``features(params, batch_stats, owner, x, task) -> (B, h)``: sub-network ``task``'s penultimate features, jitted."""
+    """``features(params, batch_stats, owner, x, task) -> (B, h)``: sub-network ``task``'s features, jitted."""
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit

@@ -189,7 +189,7 @@ def log_likelihood(stats: dict, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)
     cov = stats["cov"]
     proj_mu = jnp.einsum("gd,gdr->gr", stats["mean"], stats["basis"][cov])
-    proj = jnp.einsum("bd,sdr->bsr", x, stats["basis"])[:, cov] - proj_mu[None]  # (B, G, r): x projected once per covariance
+    proj = jnp.einsum("bd,sdr->bsr", x, stats["basis"])[:, cov] - proj_mu[None]  # (B, G, r), x projected once
     diff = x[:, None, :] - stats["mean"][None]  # (B, G, d)
     inside = jnp.sum(proj * proj * stats["inv_lam"][cov][None], -1)
     residual = jnp.maximum(jnp.sum(diff * diff, -1) - jnp.sum(proj * proj, -1), 0.0)

@@ -26,14 +26,17 @@ from modkd_jax import masks
 PyTree = Any
 
 
-def subnet_logits(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
-                  task_count: int, block_size: int, strategy: str = "map") -> jax.Array:
-    """Class-block logits of every sub-network on ``x``: shape ``(task_count, batch, block_size)``."""
+def _every_subnet(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
+                  task_count: int, block_size: int, strategy: str, with_features: bool):
+    """Every sub-network's class block (and features) on ``x``, mapped or vmapped over task ids."""
 
     def one(task):
         gated = masks.gate(params, masks.forward_mask(owner, task))
-        logits = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False)
-        return jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1)
+        kwargs = {"with_features": True} if with_features else {}
+        out = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False, **kwargs)
+        logits, h = out if with_features else (out, None)
+        z = jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1)
+        return (z, h) if with_features else z
 
     tasks = jnp.arange(task_count)
     if strategy == "vmap":
@@ -41,24 +44,18 @@ def subnet_logits(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner
     if strategy == "map":
         return jax.lax.map(one, tasks)
     raise ValueError(f"unknown strategy {strategy!r}; expected 'map' or 'vmap'")
+
+
+def subnet_logits(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
+                  task_count: int, block_size: int, strategy: str = "map") -> jax.Array:
+    """Class-block logits of every sub-network on ``x``: shape ``(task_count, batch, block_size)``."""
+    return _every_subnet(apply_fn, params, batch_stats, owner, x, task_count, block_size, strategy, False)
 
 
 def subnet_outputs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
                    task_count: int, block_size: int, strategy: str = "map") -> tuple[jax.Array, jax.Array]:
     """``(logits (T, B, block), features (T, B, h))`` of every sub-network (a model taking ``with_features``)."""
-
-    def one(task):
-        gated = masks.gate(params, masks.forward_mask(owner, task))
-        logits, h = apply_fn({"params": gated, "batch_stats": batch_stats}, x, task, train=False,
-                             with_features=True)
-        return jax.lax.dynamic_slice_in_dim(logits, task * block_size, block_size, axis=-1), h
-
-    tasks = jnp.arange(task_count)
-    if strategy == "vmap":
-        return jax.vmap(one)(tasks)
-    if strategy == "map":
-        return jax.lax.map(one, tasks)
-    raise ValueError(f"unknown strategy {strategy!r}; expected 'map' or 'vmap'")
+    return _every_subnet(apply_fn, params, batch_stats, owner, x, task_count, block_size, strategy, True)
 
 
 def subnet_probs(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,

@@ -270,7 +270,7 @@ def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid
 
 
 def choose(task_id: dict[str, float], rules: tuple[str, ...]) -> str:
-    """The rule with the best task identification (``{rule: accuracy}`` on validation data); ties to the earlier rule."""
+    """The rule with the best task identification (``{rule: accuracy}``, validation data); ties: the earlier."""
     best = max(task_id[r] for r in rules)
     return next(r for r in rules if task_id[r] == best)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modkd_jax import checkpoint, data, evaluation, gaussians, loop, masks, models, task_inference
+from modkd_jax import checkpoint, data, evaluation, gaussians, loop, masks, task_inference
 from modkd_jax.methods import baselines, experts, mind
 from modkd_jax.task_inference import InferenceConfig
 

@@ -384,7 +384,8 @@ def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> di
     """Accuracy per rule (til, cil[, task_id and every task-inference rule]) on ``splits`` of ``task_ids``."""
     if b.cfg.method == "packnet":
         return evaluation.accuracies(b.counts, (state["params"], state["batch_stats"], state["owner"],
-                                                state["inference"]), splits, seen, b.cfg.eval_batch_size, task_ids, extra=(jnp.float32(b.cfg.temperature),))
+                                                state["inference"]), splits, seen, b.cfg.eval_batch_size, task_ids,
+                                     extra=(jnp.float32(b.cfg.temperature),))
     return evaluation.accuracies(b.counts, ({"params": state["params"], "batch_stats": state["batch_stats"]},),
                                  splits, seen, b.cfg.eval_batch_size, task_ids)
 

@@ -299,6 +299,7 @@ def make_counts(model, cfg: ExpertsConfig, block_size: int, mean, std) -> Callab
     drops out exactly); the router holds what is seen.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
+
     @jax.jit
     def counts(pool, router, inference, x, y, valid, true_task, seen):
         xf, emb = batching.to_float(x, mean, std), embed(router["projection"], x)
@@ -474,7 +475,8 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     inference["rule"] = jnp.int32(rule)
     state = {"params": params, "batch_stats": batch_stats, "router": router,
              "counts": jnp.asarray(counts, jnp.float32), "active": jnp.asarray(active), "inference": inference}
-    info = {"task": t, "task_inference": choice, "experts": experts, "decision": decision, "fit_share": np.asarray(alloc["fit_share"]),
+    info = {"task": t, "task_inference": choice, "experts": experts, "decision": decision,
+            "fit_share": np.asarray(alloc["fit_share"]),
             "entropy_if_reused": np.asarray(alloc["entropy_if_reused"]),
             "specialization": np.asarray(routing.specialization_entropy(counts)), "routing_counts": np.asarray(counts),
             "active_experts": int(active.sum())}

@@ -3,6 +3,15 @@
 A run's checkpoints live in ``<workdir>/checkpoints``; step ``i + 1`` holds the
 state after task ``i`` (``state`` pytree) and a JSON ``meta`` item. Saves are
 synchronous (``wait_until_finished``), so a step on disk is always complete.
+
+Several processes (multi-host): every process calls ``save`` and ``latest`` for
+the same step with the learner's ``mesh``. Orbax writes only global
+``jax.Array``s there, so ``global_tree`` replicates every leaf that one process
+holds by itself (host arrays, arrays on one local device) over the mesh first;
+``latest`` restores into that replicated layout and hands each leaf back in the
+layout the fresh state had (``local_like``), and every process resumes from
+process 0's newest step (``agreed_step``). With one process the tree is saved
+and restored exactly as before (no mesh needed).
 """
 
 from __future__ import annotations
@@ -33,19 +42,95 @@ def manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: PyTree, meta: dict) -> None:
-    """Write ``state`` and ``meta`` as ``step`` and wait until it is on disk."""
+def _multi(mesh) -> bool:
+    """Whether saves need global arrays: several processes and a mesh to place the state on."""
+    return mesh is not None and jax.process_count() > 1
+
+
+def _is_global(x) -> bool:
+    """A ``jax.Array`` that spans devices of other processes (already a global array)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def global_tree(mesh, tree: PyTree) -> PyTree:
+    """``tree`` with every leaf a global ``jax.Array`` on ``mesh`` (what multi-host orbax saves).
+
+    Global arrays stay as they are; every other leaf (numpy, Python numbers, an
+    array on one local device) holds the same value in every process (same
+    seed, same computation) and is replicated over the mesh. A copy for the
+    save: the caller's tree is unchanged.
+    """
+    from modkd_jax import parallel
+
+    return jax.tree.map(lambda x: x if _is_global(x) else parallel.replicate(mesh, x), tree)
+
+
+def local_like(restored: PyTree, like: PyTree) -> PyTree:
+    """Each restored leaf in the layout of the matching leaf of ``like`` (the fresh state).
+
+    Global arrays in ``like`` keep their restored (same) sharding; host leaves
+    come back as numpy; arrays committed to this process's devices go back to
+    them and uncommitted ones come back uncommitted, so the resumed state mixes
+    with the mesh's arrays as a fresh run's state does.
+    """
+    def back(r, x):
+        if _is_global(x):
+            return r
+        host = np.asarray(r.addressable_data(0) if isinstance(r, jax.Array) else r)
+        if isinstance(x, jax.Array):  # an uncommitted array stays uncommitted: jit may move it to the mesh
+            return jax.device_put(host, x.sharding) if x.committed else jnp.asarray(host, x.dtype)
+        if isinstance(x, np.ndarray):
+            return host.astype(x.dtype, copy=False)
+        return type(x)(host) if isinstance(x, (int, float, bool)) else host
+
+    return jax.tree.map(back, restored, like)
+
+
+def agreed_step(step: int | None) -> int | None:
+    """Process 0's ``step`` in every process (all resume from the same step); ``step`` with one process."""
+    if jax.process_count() == 1:
+        return step
+    from jax.experimental import multihost_utils
+
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+    return None if agreed < 0 else agreed
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: PyTree, meta: dict, mesh=None) -> None:
+    """Write ``state`` and ``meta`` as ``step`` and wait until it is on disk.
+
+    With several processes every process calls it with the same ``step`` and the
+    learner's ``mesh``; the state is saved as global arrays (``global_tree``).
+    """
+    if _multi(mesh):
+        state = global_tree(mesh, state)
+    elif jax.process_count() > 1 and not all(_is_global(x) for x in jax.tree.leaves(state)):
+        raise ValueError("a multi-process checkpoint needs the learner's mesh (Learner.mesh) to place "
+                         "process-local state leaves on")
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
 
 
-def latest(mngr: ocp.CheckpointManager, like: PyTree) -> tuple[int, PyTree, dict] | None:
-    """``(step, state, meta)`` of the newest step, restored into the structure of ``like``; None if none."""
-    step = mngr.latest_step()
+def latest(mngr: ocp.CheckpointManager, like: PyTree, mesh=None) -> tuple[int, PyTree, dict] | None:
+    """``(step, state, meta)`` of the newest step, restored into the structure of ``like``; None if none.
+
+    With several processes and the learner's ``mesh`` every process restores
+    process 0's newest step (``agreed_step``) into the replicated layout and
+    gets each leaf back in ``like``'s layout (``local_like``).
+    """
+    step = agreed_step(mngr.latest_step())
     if step is None:
         return None
     try:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if _multi(mesh):
+            from modkd_jax import parallel
+
+            rep = parallel.replicated(mesh)
+            abstract = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(x) if _is_global(x) else
+                                    jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype,
+                                                         sharding=rep), like)
+        else:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except Exception as exc:  # orbax raises many types for damaged files
@@ -53,7 +138,8 @@ def latest(mngr: ocp.CheckpointManager, like: PyTree) -> tuple[int, PyTree, dict
             f"checkpoint step {step} in {mngr.directory} is unreadable ({type(exc).__name__}); "
             "delete that step folder to resume from the one before, or use a fresh --workdir"
         ) from exc
-    return step, restored["state"], restored["meta"]
+    state = local_like(restored["state"], like) if _multi(mesh) else restored["state"]
+    return step, state, restored["meta"]
 
 
 def export_subnetwork(path: str | os.PathLike, params: PyTree, batch_stats: PyTree, owner: PyTree,

@@ -41,6 +41,9 @@ class Learner:
       lead_axes: names of leading axes of every accuracy row (DKT: ``("agent",)``).
       report: optional ``(state, infos) -> dict`` of method-specific results (FLOPs, bytes sent ...).
       describe: optional ``info -> str``, appended to the per-task line.
+      mesh: optional ``jax.sharding.Mesh`` the learner computes on. With several
+        processes the loop replicates process-local state leaves over it for the
+        multi-host orbax checkpoint (None: a mesh of every device); unused otherwise.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Learner:
     lead_axes: tuple[str, ...] = ()
     report: Callable[[PyTree, list], dict] | None = None
     describe: Callable[[dict], str] | None = None
+    mesh: Any = None
 
     @property
     def task_count(self) -> int:

@@ -5,6 +5,12 @@ results.json, accuracy heatmaps and one orbax checkpoint step per finished task
 (state, accuracy matrices, key; re-running resumes after the last finished
 task). With ``workdir=None`` it runs in memory (benchmarks, tests). The same
 seed gives the same matrices either way.
+
+Several processes (multi-host, ``parallel.maybe_initialize_distributed``): every
+process runs the same loop; process 0 alone writes the run directory's files,
+every process takes part in each orbax save and restore (the state placed on
+``learner.mesh``, see ``checkpoint``), and all resume after process 0's last
+finished task.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from modkd_jax import checkpoint, metrics, rundir
+from modkd_jax import checkpoint, metrics, parallel, rundir
 from modkd_jax.learner import Learner
 
 SCHEMA = 2  # version of results.json's layout
@@ -38,6 +44,37 @@ def _fmt(values, unit: str = "%") -> str:
     """Accuracies (one, or one per leading index) as percentages; NaN as "-"."""
     vals = np.atleast_1d(np.asarray(values, float))
     return " ".join("-" if not np.isfinite(v) else f"{100 * v:.2f}{unit}" for v in vals)
+
+
+def checkpoint_mesh(learner: Learner):
+    """Where multi-host checkpoints place the state: ``learner.mesh``, else every device; None with one process."""
+    if jax.process_count() == 1:
+        return None
+    return learner.mesh if learner.mesh is not None else parallel.make_mesh()
+
+
+def open_run_dir(workdir: str | Path, cfg: dict) -> Path:
+    """``rundir.open_run`` in process 0; with several processes the others wait for it and share its verdict.
+
+    A refused run directory (another config, not empty) ends every process with
+    a ``RunDirError``, not only process 0 (the others would wait for it forever).
+    """
+    if jax.process_count() == 1:
+        return rundir.open_run(workdir, cfg)
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            workdir = rundir.open_run(workdir, cfg)
+        except rundir.RunDirError as exc:
+            error = exc
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # also a barrier: the folder exists
+    if error is not None:
+        raise error
+    if not ok:
+        raise rundir.RunDirError(f"process 0 refused the run directory {workdir} (its error line says why)")
+    return Path(workdir)
 
 
 def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bool = False,
@@ -64,10 +101,11 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
     log, mngr = None, None
     writer = jax.process_index() == 0  # several processes: one writes the run directory's files
     if workdir is not None:
-        workdir = rundir.open_run(workdir, cfg) if writer else Path(workdir)
+        workdir = open_run_dir(workdir, cfg)
         if checkpoints:
             mngr = checkpoint.manager(workdir)
-            restored = checkpoint.latest(mngr, {"state": state, "rng": checkpoint.key_to_array(task_key)})
+            restored = checkpoint.latest(mngr, {"state": state, "rng": checkpoint.key_to_array(task_key)},
+                                         mesh=checkpoint_mesh(learner))
             if restored is not None:  # the matrices travel in the step's JSON item (NaN as null)
                 _, ckpt, meta = restored
                 state, task_key = ckpt["state"], checkpoint.array_to_key(ckpt["rng"])
@@ -98,7 +136,8 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
         echo(f"task {t + 1}/{T} {learner.tasks[t]}: {heads}{extra}  {info['seconds']:.1f}s")
         if mngr is not None:
             checkpoint.save(mngr, t + 1, {"state": state, "rng": checkpoint.key_to_array(task_key)},
-                            rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}))
+                            rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}),
+                            mesh=checkpoint_mesh(learner))
     if R is None:  # nothing learnt yet (stop_after=0): empty matrices
         R = _blank(learner, learner.evaluate(state, 1))
     results = make_results(learner, cfg, R, seconds, infos, state)

@@ -30,6 +30,7 @@ transfers only its own rows (``process_rows``) to assemble the global array.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -76,6 +77,39 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
     given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None}, **kwargs)
     return True
+
+
+def distributed_running() -> bool:
+    """Whether this process started JAX's multi-process runtime (``jax.distributed.initialize``)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """One line saying that a computation across processes failed, if ``exc`` is that; else None.
+
+    When a process dies (SIGKILL, a lost host) the others learn it at their next
+    cross-process collective: gloo (CPU) or the accelerator runtime raise a
+    ``JaxRuntimeError`` ("Connection closed by peer", ...). Any runtime error
+    in a multi-process run is reported this way: the run cannot go on alone.
+    """
+    if not isinstance(exc, jax.errors.JaxRuntimeError) or not distributed_running():
+        return None
+    reason = str(exc).replace("Error dispatching computation: ", "").strip().splitlines()
+    reason = " ".join(reason[0].split())[:300] if reason else type(exc).__name__
+    return (f"process {jax.process_index()} of {jax.process_count()}: a computation across processes failed, "
+            f"another process probably died ({reason}); re-run the same command on every process to resume "
+            "after the last finished task")
+
+
+def abandon(code: int) -> None:
+    """End this process now, skipping JAX's distributed shutdown (after a peer died, that barrier can only wait
+    out the heartbeat timeout and then abort with a C++ stack trace). Checkpoint saves are synchronous, so
+    nothing on disk is left half written by skipping the interpreter's clean-up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _int_setting(variable: str, value: int | None) -> int | None:

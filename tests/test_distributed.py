@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,10 @@ def test_bad_process_settings_are_one_line_and_exit_2(tmp_path, capsys, monkeypa
     assert cli.main(argv + ["--distributed"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "JAX_NUM_PROCESSES='two' is not an integer" in err
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    assert cli.main(argv + ["--distributed", "--heartbeat_timeout", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--heartbeat_timeout must be at least 1 second" in err
     assert not (tmp_path / "w").exists()
     assert parallel.maybe_initialize_distributed(False) is False
 
@@ -72,3 +77,83 @@ def test_two_processes_train_mind_and_ewc_to_the_one_process_matrices(tmp_path):
         for rule, R in matrices.items():
             np.testing.assert_array_equal(np.asarray(two["results"][method][rule], float), np.asarray(R, float),
                                           err_msg=f"{method} {rule}")
+
+
+RUN = Path(__file__).resolve().parent / "multihost_run.py"
+
+
+def _start(workdir: Path, devices: int, *, port: int | None = None, process_id: int | None = None,
+           stop_after: str = "-", stuck_at: str = "-") -> subprocess.Popen:
+    """One process of the MIND CLI run of ``multihost_run.py`` (1 process, or process ``process_id`` of 2)."""
+    flags = [] if port is None else ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                     "--process_id", str(process_id)]
+    return subprocess.Popen([sys.executable, str(RUN), str(workdir), str(devices), stop_after, stuck_at, *flags],
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _two(workdir: Path, **kw) -> list[subprocess.Popen]:
+    """The same command in 2 processes x 2 CPU devices (``kw`` per process: ``stop_after``, ``stuck_at``)."""
+    port = _free_port()
+    return [_start(workdir, 2, port=port, process_id=i, **{k: v[i] for k, v in kw.items()}) for i in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for every process; each must exit 0. Returns their stdout."""
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def _matrices(workdir: Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())["accuracy_matrix"]
+
+
+def test_two_process_cli_run_checkpoints_resumes_and_survives_a_killed_process(tmp_path):
+    """The MIND CLI on 2 processes x 2 devices with a workdir, as a pod runs it.
+
+    1. stopped cleanly after task 1 (every process saves the orbax step, process 0 alone writes the run files);
+    2. re-run: both resume from step 1; process 1 then hangs in task 2 and is SIGKILLed: process 0 ends with one
+       ``error:`` line (exit 3) instead of waiting for its peer;
+    3. re-run: both resume from step 1 again and finish with exactly (bit for bit, SGD) the accuracy matrices
+       of the uninterrupted 1-process x 4-device run.
+    """
+    single = _start(tmp_path / "one", 4)  # the reference, alongside phase 1
+    work = tmp_path / "two"
+    _finish(_two(work, stop_after=("1", "1")))
+    _finish([single])
+    part = json.loads((work / "results.json").read_text())
+    assert part["tasks_done"] == 1 and sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1"]
+    reference = _matrices(tmp_path / "one")
+    for rule, R in reference.items():  # task 1 trained on 2 processes = on 1 process
+        np.testing.assert_array_equal(np.asarray(part["accuracy_matrix"][rule], float)[0],
+                                      np.asarray(R, float)[0], err_msg=rule)
+
+    procs = _two(work, stuck_at=("-", "1"))
+    marker = Path(str(work) + ".stuck")
+    deadline = time.monotonic() + 600  # a generous bound on the wait, not a measurement
+    while not marker.exists():  # process 1 reached task 2 (after resuming); process 0 is training it
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+        assert time.monotonic() < deadline, "process 1 never reached task 2"
+        time.sleep(0.5)
+    procs[1].kill()
+    procs[1].wait(timeout=600)
+    out, err = procs[0].communicate(timeout=600)  # bounded: no waiting for the dead peer
+    assert procs[0].returncode == 3, err[-3000:]
+    assert "resuming" in out and "after task 0" in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another process probably died" in errors[0], err[-3000:]
+    assert "re-run the same command on every process" in errors[0] and "Traceback" not in err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["1"]
+
+    marker.unlink()
+    outs = _finish(_two(work))
+    assert all("resuming" in out and "after task 0" in out for out in outs), outs
+    got = _matrices(work)
+    assert got.keys() == reference.keys()
+    for rule, R in reference.items():
+        np.testing.assert_array_equal(np.asarray(got[rule], float), np.asarray(R, float), err_msg=rule)
+    summaries = [json.loads(line)["task"] for line in (work / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("phase") == "summary"]
+    assert summaries == [0, 1]  # one writer: each task's summary once, the killed attempt's lines dropped

@@ -143,15 +143,21 @@ def latest(mngr: ocp.CheckpointManager, like: PyTree, mesh=None) -> tuple[int, P
 
 
 def export_subnetwork(path: str | os.PathLike, params: PyTree, batch_stats: PyTree, owner: PyTree,
-                      task: int, spec: dict) -> None:
+                      task: int, spec: dict, inference: PyTree | None = None) -> None:
     """Save task ``task``'s frozen sub-network on its own: its gated weights, masks and batch norm.
 
     ``spec`` (JSON) must say how to rebuild the model (e.g. arch, num_outputs,
-    num_tasks, block_size); it is stored beside the arrays.
+    num_tasks, block_size); it is stored beside the arrays. ``inference`` (a
+    state's task-inference statistics, ``task_inference.init_stats``) adds the
+    task's own row of every statistic, so the exported sub-network can still
+    claim its inputs among others.
     """
     path = Path(path).resolve()
     mask = masks.forward_mask(owner, task)
     item = {"params": masks.gate(params, mask), "batch_stats": batch_stats, "mask": mask}
+    if inference is not None:
+        item["inference"] = {rule: jax.tree.map(lambda v: v[task], stats) for rule, stats in inference.items()
+                             if rule != "rule"}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "arrays", item, force=True)
         ckptr.wait_until_finished()

@@ -100,8 +100,12 @@ def test_exported_subnetwork_predicts_like_the_run(tmp_path):
     for t in range(2):
         state, _ = mind.learn_task(method, state, t, jax.random.key(t + 1), progress=False)
     spec = {"arch": "mlp", "hidden": list(cfg["mind"]["hidden"]), "num_outputs": 10, "num_tasks": 2, "block_size": 5}
-    checkpoint.export_subnetwork(tmp_path / "sub0", state["params"], state["batch_stats"], state["owner"], 0, spec)
+    checkpoint.export_subnetwork(tmp_path / "sub0", state["params"], state["batch_stats"], state["owner"], 0, spec,
+                                 inference=state["inference"])
     spec2, item = checkpoint.load_subnetwork(tmp_path / "sub0")
+    for rule, stats in item["inference"].items():  # the task's own task-inference statistics travel with it
+        for got, full in zip(jax.tree.leaves(stats), jax.tree.leaves(state["inference"][rule])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(full)[0])
     assert spec2["task"] == 0
     model = models.build("mlp", spec2["num_outputs"], spec2["num_tasks"], hidden=tuple(spec2["hidden"]))
     x = scenario.tasks[0].test.x[:32].astype(np.float32) / 255.0

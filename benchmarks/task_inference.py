@@ -122,7 +122,7 @@ def _bytes(n: int) -> str:
     return "0" if n == 0 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-SWEEP = ((1, 0, 0.2), (4, 0, 0.2), (1, 30, 0.2), (10, 30, 0.5), (20, 30, 0.2), (20, 30, 0.5))
+SWEEP = ((1, 0, 0.2), (1, 30, 0.2), (4, 30, 0.2), (20, 30, 0.2), (20, 30, 0.5))
 
 
 def sweep(bench: str, data_root: Path, settings=SWEEP) -> str:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from benchmarks import accuracy, distill_grad, inference, scaling, train_step
+from benchmarks import task_inference as task_inference_bench
 
 
 def test_inference_contenders_agree_and_report_the_speed_up(capsys):
@@ -43,3 +44,17 @@ def test_distill_grad_shows_the_paper_term_pulling_harder_than_the_old_one(capsy
         if len(cells) == 8 and cells[2] == "start of distillation":
             ratios[cells[1]] = float(cells[6])
     assert ratios["paper: L_SD (symmetric KL) at T = 1"] > 10 * ratios["before: Jensen-Shannon at tau = 6.5"]
+
+
+def test_task_inference_table_has_every_rule_and_the_rule_in_use(tmp_path):
+    from modkd_jax import data, loop, task_inference
+    from modkd_jax.methods import mind
+
+    scenario = data.build("class_split", data.load("digits"), 5, seed=0, val_fraction=0.1)
+    cfg = mind.preset_config("digits", epochs=1, distill_epochs=1, hidden=(16, 16),
+                             inference=task_inference.InferenceConfig(gauss_components=2, gauss_rank=4))
+    loop.run(mind.learner(cfg, scenario), {"seed": 0}, tmp_path / "run", echo=None)
+    rows = task_inference_bench.table("split_mnist", [tmp_path / "run"], {}).splitlines()
+    for rule in task_inference.SUBNET_RULES:
+        assert sum(line.startswith(f"| {rule} |") for line in rows) == 1, rule
+    assert any(line.startswith("| **auto** (chose ") for line in rows)

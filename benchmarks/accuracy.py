@@ -45,7 +45,8 @@ TITLES = {"split_mnist": "Split MNIST (5 tasks)", "split_fashion_mnist": "Split 
 MIND_METHODS = ("mind", "mind_self_distillation")
 BASELINES = ("finetune", "lwf", "ewc", "packnet", "joint")
 METHODS = MIND_METHODS + ("experts",) + BASELINES
-UPPER_BOUNDS = ("joint",)  # reported, never "the best baseline"
+UPPER_BOUNDS = ("joint",)
+INFERRING = MIND_METHODS + ("experts", "packnet")  # methods that infer the task of a class-incremental input  # reported, never "the best baseline"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +209,12 @@ def markdown(runs: list[dict], setting: Setting, command: str, header: str) -> s
              f"Setting {setting.describe()}.  ", f"Hyperparameters: {hyperparameters('mnist', setting)}.", "",
              ("Final average accuracy (%) over all tasks after the last one, and forgetting (percentage points; "
               "max earlier accuracy minus final, averaged over all but the last task), mean ± std over seeds. "
-              "TIL: the true task is given; CIL: the model must also tell the task (MIND, PackNet, experts: the "
-              "task-inference rule `auto` chose on the seen tasks' validation data after each task, named in "
-              "'rule', with the paper's max-probability rule beside it; single-head baselines: argmax over every "
-              "class seen)."), ""]
+              "TIL: the true task is given; CIL: the model must also tell the task (" + (
+                  "MIND, PackNet, experts: the task-inference rule `auto` chose on the seen tasks' validation data "
+                  "after each task, named in 'rule', with the paper's max-probability rule beside it"
+                  if all("rule_in_use" in r for r in runs if r["method"] in INFERRING) else
+                  "runs saved before task inference existed: MIND/PackNet pick the most confident sub-network, "
+                  "the max-probability rule") + "; single-head baselines: argmax over every class seen)."), ""]
     grouped = group(runs)
     for bench, per in grouped.items():
         seeds = sorted({r["seed"] for rs in per.values() for r in rs})

@@ -225,6 +225,9 @@ def test_accuracy_report_statistics(tmp_path):
                                                "cil": {"average_accuracy": cil, "forgetting": 0.1}}}
 
     runs = [run("mind", s, 0.99, c) for s, c in enumerate((0.50, 0.56, 0.53))]
+    for r in runs:  # a task-inference method: the rule in use and the paper's max-probability rule beside it
+        r["rule_in_use"] = ["max_prob", "gauss_input"]
+        r["summary"]["cil_max_prob"] = {"average_accuracy": 0.3, "forgetting": 0.0}
     runs += [run("lwf", s, 0.95, c) for s, c in enumerate((0.20, 0.26, 0.23))]
     runs += [run("ewc", s, 0.80, c) for s, c in enumerate((0.19, 0.21, 0.20))]
     runs += [run("joint", s, 0.99, 0.96) for s in range(3)]
@@ -236,7 +239,8 @@ def test_accuracy_report_statistics(tmp_path):
     assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
     assert np.isnan(metrics.welch(np.ones(3), np.ones(3))[1])  # no variance: undefined, not "significant"
     md = accuracy.markdown(runs, accuracy.SETTINGS["quick"], "cmd", "hw")
-    assert "| mind | 99.00 ± 0.00 | 0.00 ± 0.00 | 53.00 ± 3.00 | 10.00 ± 0.00 | 1 |" in md
+    assert "| mind | 99.00 ± 0.00 | 0.00 ± 0.00 | 53.00 ± 3.00 | 10.00 ± 0.00 | gauss_input | 30.00 ± 0.00 | 1 |" in md
+    assert "| lwf | 95.00 ± 0.00 | 0.00 ± 0.00 | 23.00 ± 3.00 | 10.00 ± 0.00 | - | - | 1 |" in md
     assert "| joint (upper bound) |" in md and "lwf: 23.00 ± 3.00 | +30.00" in md
     assert accuracy.write_report(tmp_path, "acc", runs, accuracy.SETTINGS["quick"], "cmd", "hw") == md
     assert (tmp_path / "acc.md").read_text() == md and (tmp_path / "acc.png").stat().st_size > 0

@@ -97,7 +97,7 @@ def table(bench: str, dirs: list[Path], times: dict[str, float]) -> str:
     """Markdown rows of one benchmark: every rule over the seeds, then the rule auto chose."""
     res = [json.loads((d / "results.json").read_text()) for d in dirs]
     rules = res[0]["task_inference"]["rules"]
-    lines = [f"**{TITLES[bench]}** ({len(res)} seeds; TIL {_ms([final(r['accuracy_matrix']['til']) for r in res])})",
+    lines = [f"**{TITLES[bench]}** ({len(res)} seed{'s' if len(res) > 1 else ''}; TIL {_ms([final(r['accuracy_matrix']['til']) for r in res])})",
              "", "| rule | CIL % | task identified % | bytes stored per task | eval time / max_prob |",
              "|---|---|---|---|---|"]
     for rule in rules:
@@ -114,8 +114,9 @@ def table(bench: str, dirs: list[Path], times: dict[str, float]) -> str:
 
 
 def _ms(values) -> str:
+    """``mean ± std`` in percent (sample std); one value alone has no std."""
     v = 100 * np.asarray(values, float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    return f"{v.mean():.2f}" if len(v) < 2 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
 
 
 def _bytes(n: int) -> str:

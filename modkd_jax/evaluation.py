@@ -32,9 +32,10 @@ def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple
 
 
 def batch_size_for(counts: Callable, batch_size: int, splits) -> int:
-    """The evaluation batch: at most the largest split, a multiple of a data-parallel function's devices."""
+    """The evaluation batch: at most the largest split (anything with a length), a multiple of a data-parallel
+    function's devices."""
     n = parallel.devices_of(counts)
-    size = max(1, min(batch_size, max(len(s.y) for s in splits)))
+    size = max(1, min(batch_size, max(len(s) for s in splits)))
     return -(-size // n) * n
 
 
@@ -177,8 +178,7 @@ def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
 
 def features_of(features: Callable, args: tuple, x: np.ndarray, task: int, batch_size: int) -> np.ndarray:
     """``features(*args, batch, task)`` of every image of ``x``, in order: ``(n, h)``."""
-    n = parallel.devices_of(features)
-    batch_size = -(-max(1, min(batch_size, len(x))) // n) * n
+    batch_size = batch_size_for(features, batch_size, [x])
     rows = [np.asarray(features(*args, xb, jnp.int32(task)))[valid]
             for xb, _, valid in pad_batches(x, np.zeros(len(x), np.int32), batch_size)]
     return np.concatenate(rows)
@@ -202,12 +202,23 @@ def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], cou
     return rules.index(rule), {"rule": rule, "val_task_id": val}
 
 
-def fit_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
-                         args: tuple, batch_size: int, key: jax.Array):
-    """Task ``t``'s task-inference statistics, from its training split only, for sub-network methods.
+def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
+                            counts: Callable, args: tuple, batch_size: int, key: jax.Array, extra: tuple = ()):
+    """``(inference, info)`` after task ``t`` of a sub-network method: t's statistics fitted from its training
+    split only, then the rule in use chosen on the seen tasks' validation splits (``choose_rule``).
 
-    ``features`` is ``make_subnet_features``'s function and ``args`` its ``(params, batch_stats, owner)``.
+    ``features`` is ``make_subnet_features``'s function, ``counts`` ``make_subnet_counts``'s (``extra``: its
+    trailing arguments), ``args`` the sub-networks' ``(params, batch_stats, owner)``.
     """
+    inference = _fit_subnet_statistics(cfg, inference, scenario, t, features, args, batch_size, key)
+    rule, info = choose_rule(cfg, task_inference.SUBNET_RULES, counts, (*args, inference),
+                             [scenario.tasks[j].val for j in range(t + 1)], t + 1, batch_size, extra)
+    return {**inference, "rule": jnp.int32(rule)}, info
+
+
+def _fit_subnet_statistics(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
+                           args: tuple, batch_size: int, key: jax.Array):
+    """Task ``t``'s task-inference statistics, from its training split only (features of its sub-networks)."""
     train = scenario.tasks[t].train
     kwargs = {"x": np.asarray(train.x.reshape(len(train.x), -1), np.float32) / 255.0}
     if "gauss_own" in inference:

@@ -99,17 +99,6 @@ def predictions(probs: jax.Array, true_task, seen) -> dict[str, tuple[jax.Array,
     return out
 
 
-def correct_counts(probs: jax.Array, y: jax.Array, true_task, seen) -> dict[str, jax.Array]:
-    """Number of examples each rule gets right (right sub-network *and* right class)."""
-    return {rule: jnp.sum((task == true_task) & (cls == y))
-            for rule, (task, cls) in predictions(probs, true_task, seen).items()}
-
-
-def task_id_accuracy_counts(probs: jax.Array, true_task, seen) -> jax.Array:
-    """Examples whose sub-network the max-probability rule identifies correctly."""
-    return jnp.sum(max_prob_task(probs, seen) == true_task)
-
-
 # --- Similarity routing over a pool of experts and module specialization (modular experts) ---
 
 

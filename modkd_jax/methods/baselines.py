@@ -333,13 +333,9 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
     params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
                                   Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
-    inference = evaluation.fit_subnet_inference(cfg.inference, state["inference"], b.scenario, t, b.features,
-                                                (params, batch_stats, owner), cfg.eval_batch_size, k_stats)
-    rule, choice = evaluation.choose_rule(cfg.inference, task_inference.SUBNET_RULES, b.counts,
-                                          (params, batch_stats, owner, inference),
-                                          [b.scenario.tasks[j].val for j in range(t + 1)], t + 1,
-                                          cfg.eval_batch_size, extra=(jnp.float32(cfg.temperature),))
-    inference["rule"] = jnp.int32(rule)
+    inference, choice = evaluation.update_subnet_inference(
+        cfg.inference, state["inference"], b.scenario, t, b.features, b.counts, (params, batch_stats, owner),
+        cfg.eval_batch_size, k_stats, extra=(jnp.float32(cfg.temperature),))
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "inference": inference}
     info = {"task_inference": choice, "val_til_acc": evaluation.block_accuracy(
                 b.block_counts, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,

@@ -307,12 +307,9 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
     # the task's inference statistics (its training data only), then the rule in use on the seen tasks' validation
-    inference = evaluation.fit_subnet_inference(cfg.inference, state["inference"], mind.scenario, t, mind.features,
-                                                (params, batch_stats, owner), cfg.eval_batch_size, k_stats)
-    inference["rule"], info["task_inference"] = evaluation.choose_rule(
-        cfg.inference, task_inference.SUBNET_RULES, mind.subnet_counts, (params, batch_stats, owner, inference),
-        [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1, cfg.eval_batch_size, extra=(tau,))
-    inference["rule"] = jnp.int32(inference["rule"])
+    inference, info["task_inference"] = evaluation.update_subnet_inference(
+        cfg.inference, state["inference"], mind.scenario, t, mind.features, mind.subnet_counts,
+        (params, batch_stats, owner), cfg.eval_batch_size, k_stats, extra=(tau,))
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau, "inference": inference}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
     info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, task.val, t,

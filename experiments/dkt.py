@@ -1,5 +1,7 @@
 """DKT end to end: ``python -m experiments.dkt --experiment agents --dataset mnist --agents 3``.
 
+``--experiment collective`` is ``experiments.collective`` (agents with
+non-forgetting learners distilling each other on a probe set; its own flags).
 Experiments: ``joint_teacher`` (a teacher trained on every class teaches a
 class-incremental student), ``continual_teacher`` (the teacher is a fine-tuning
 continual learner one experience ahead, refreshed each experience) and
@@ -116,7 +118,7 @@ def compare(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, pro
     table = comparison_table(runs, cfg)
     rundir.write_json(workdir / "comparison.json", {
         "config": cfg, "table": table, "wall_seconds": wall,
-        "experiment": f"one of {', '.join(dkt.EXPERIMENTS)}", "agents": {name: [{**{k: v[a] for k, v in r["final"].items()}, "bytes_sent": sent}
+        "agents": {name: [{**{k: v[a] for k, v in r["final"].items()}, "bytes_sent": sent}
                           for a, sent in enumerate(r["exchange"]["bytes_sent_per_agent"])]
                    for name, r in runs.items()}})
     (workdir / "comparison.md").write_text(table + "\n")
@@ -148,8 +150,21 @@ def comparison_table(runs: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
+def wants_collective(argv: list[str] | None) -> bool:
+    """Whether the command line asks for ``--experiment collective`` (its own CLI, ``experiments.collective``)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    return "--experiment=collective" in argv or any(
+        a == "--experiment" and b == "collective" for a, b in zip(argv, argv[1:]))
+
+
 @guarded
 def main(argv: list[str] | None = None) -> int:
+    if wants_collective(argv):
+        from experiments import collective
+
+        return collective.main(argv)
     args = parser().parse_args(argv)
     cfg = resolve_config(args)
     experiment = cfg["dkt"]["experiment"]

@@ -71,7 +71,7 @@ class CollectiveConfig:
     n_probe: int = 5000  # unlabelled probe images held out of every agent's training data
     top_k: int = 2  # table entries sent per probe image
     student_hidden: tuple[int, ...] = (400, 400)
-    student_epochs: int = 5  # per round, over the probe set
+    student_epochs: int = 20  # per round, over the probe set
     joint_epochs: int = 5  # the central model on every agent's data (upper bound)
     batch_size: int = 128
     lr: float = 1e-3

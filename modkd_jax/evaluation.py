@@ -50,7 +50,7 @@ def counts_per_split(counts: Callable, args: tuple, splits, seen: int, batch_siz
         for x, y, valid in pad_batches(split.x, split.y, batch_size):
             c = counts(*args, x, y, valid, jnp.int32(j), jnp.int32(seen), *extra)
             total = c if total is None else jax.tree.map(jnp.add, total, c)
-        out.append((jax.tree.map(np.asarray, total) if total is not None else None, len(split.y)))
+        out.append((jax.tree.map(parallel.to_host, total) if total is not None else None, len(split.y)))
     return out
 
 

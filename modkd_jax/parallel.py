@@ -171,6 +171,16 @@ def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
     return jax.tree.map(put, tree)
 
 
+def to_host(x) -> np.ndarray:
+    """``x`` as a NumPy array on this host, also when its shards live on other processes' devices (then every
+    process must call it: it gathers across processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _check_batch(x, size: int) -> None:
     if np.ndim(x) == 0:
         raise ValueError("a batch argument must have a leading batch axis, got a scalar")

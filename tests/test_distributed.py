@@ -79,6 +79,29 @@ def test_two_processes_train_mind_and_ewc_to_the_one_process_matrices(tmp_path):
                                           err_msg=f"{method} {rule}")
 
 
+DKT_CHECK = Path(__file__).resolve().parent / "dkt_multiprocess_check.py"
+
+
+def test_dkt_agents_across_two_processes_equal_the_vmapped_run(tmp_path):
+    """4 DKT agents on an agents axis spanning 2 processes x 2 devices (the ring's ppermute crosses processes)
+    give the matrices and bytes of the same run vmapped in one process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    one = subprocess.run([sys.executable, str(DKT_CHECK), str(tmp_path / "one.json"), "vmapped"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(DKT_CHECK), str(tmp_path / "two.json"), str(i), str(port)],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["processes"] == 1 and b["processes"] == 2
+    assert a["bytes"] == b["bytes"] and min(a["bytes"]) > 0
+    for rule, R in a["R"].items():
+        np.testing.assert_array_equal(np.asarray(b["R"][rule], float), np.asarray(R, float), err_msg=rule)
+
+
 RUN = Path(__file__).resolve().parent / "multihost_run.py"
 
 

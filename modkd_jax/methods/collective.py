@@ -23,10 +23,12 @@ probe image, class ids uint8 and scores float16; nothing else crosses (the
 their tables). Each agent's **student** (an MLP over all classes, the MIND
 network's width) is distilled from ``softmax(L)`` on the probe set (weight
 ``lam``) and trained on its own current task's labels. An agent predicts with
-the student's gate: if the student puts at least half its mass on the agent's
-own classes, the agent's own learner decides among them (its own scores);
-otherwise the student's best other class. With nothing taught (``lam == 0``,
-``alone``) the agent is exactly its own learner.
+the student as a gate: if the student puts at least ``gate`` of its mass on the
+agent's own classes, the agent's own learner decides among them (its own
+scores); otherwise the student's best other class. ``gate`` is chosen per agent
+on its own tasks' validation splits (``choose_gates``: the largest threshold
+that keeps its own-class accuracy within ``gate_tolerance`` of the agent
+alone's). With nothing taught (``lam == 0``) the agent is exactly its own learner.
 
 All students and tables live on a leading agents axis (``dkt.on_agents``:
 vmapped, or ``shard_map`` over a mesh) and move between agents only through

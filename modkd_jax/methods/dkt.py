@@ -541,7 +541,7 @@ def train_epoch(world: World, learners: PyTree, inbox: PyTree, data: dict, lam: 
         learners, m = world.fns["step"](learners, inbox["message"], inbox["has_teacher"], per_agent,
                                         {**shared, "s": np.int32(s)})
         sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    return learners, {k: np.asarray(v) / steps for k, v in sums.items()}
+    return learners, {k: parallel.to_host(v) / steps for k, v in sums.items()}
 
 
 def epoch_rngs(world: World, role: int, agents: int, t: int, epoch: int) -> list[np.random.Generator]:
@@ -565,13 +565,13 @@ def experience_data(world: World, splits: list[Split], seen: np.ndarray, mesh: M
 def support_of(world: World, message: PyTree) -> np.ndarray:
     """``[A, C]`` classes each message's teacher knows (the classes its soft targets cover)."""
     if world.cfg.exchange == "probe":
-        return np.asarray(message["logits"][:, 0, :] > losses.MASK_VALUE / 2)
-    return np.asarray(message["seen"])
+        return parallel.to_host(message["logits"][:, 0, :] > losses.MASK_VALUE / 2)
+    return parallel.to_host(message["seen"])
 
 
 def receive(world: World, inbox: PyTree, message: PyTree, mesh: Mesh | None) -> PyTree:
     """The inbox after ``message`` (already routed to its receivers) arrives."""
-    taught = np.asarray(inbox["taught"]) | support_of(world, message)
+    taught = parallel.to_host(inbox["taught"]) | support_of(world, message)
     A = taught.shape[0]
     return {"message": message, **place({"has_teacher": np.ones(A, np.float32), "taught": taught}, mesh)}
 
@@ -680,7 +680,7 @@ def evaluate(world: World, state: PyTree, seen: int) -> dict[str, np.ndarray]:
     """
     masks = np.stack([seen_mask(s, seen - 1, world.num_classes) for s in world.scenarios])
     out = head_rows(world, state["learners"], classes_of(world.scenarios), masks,
-                    np.asarray(state["inbox"]["taught"]), world.mesh)
+                    parallel.to_host(state["inbox"]["taught"]), world.mesh)
     if "teacher" in state:
         t_seen = np.asarray(state["teacher"]["seen"])
         rows = head_rows(world, state["teacher"]["learners"], classes_of(world.scenarios[:1]), t_seen,

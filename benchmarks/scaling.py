@@ -1,9 +1,10 @@
-"""How cost grows with the number of tasks, and throughput vs. devices on a simulated CPU mesh.
+"""How cost grows with the number of tasks, and throughput vs. devices and processes on simulated CPU meshes.
 
     python -m benchmarks.scaling                                  # 10, 100, 1000 tasks; 1, 2, 4, 8 devices
     python -m benchmarks.scaling --tasks 10,100 --devices 1,2 --arch mlp
+    python -m benchmarks.scaling --skip memory,steps,devices --arch mlp   # processes only
 
-Three figures:
+Four figures:
 
 1. **Owner-map memory vs. task count.** Every parameter leaf has one int16
    owner map (``masks.OWNER_DTYPE``), so the bookkeeping of T sub-networks costs
@@ -28,6 +29,19 @@ Three figures:
    speed-up; the plain step of this process (one device, multi-threaded
    kernels) is printed beside it for reference. On a GPU box or a TPU pod the
    same command spans real devices.
+4. **Step time and input bytes vs. processes.** The same data-parallel step on
+   a 2-device mesh built two ways on this host: 1 process x 2 CPU devices, and
+   2 processes x 1 CPU device each joined by ``jax.distributed`` on localhost
+   (gloo collectives), as the hosts of a pod are. Every timed step feeds the
+   global batch from host memory through ``parallel.shard_batch``, so each
+   process hands JAX only its own rows: the table gives each process's input
+   bytes per step and the step time relative to 1 process. Both layouts run
+   two single-threaded devices on the same cores, so the ratio is the cost of
+   crossing processes (gloo all-reduces, two Python dispatchers), not a
+   speed-up. 1x2 vs 2x1 rather than 1x4 vs 2x2: four devices would
+   oversubscribe a 2-core host. Then a paper estimate (arithmetic on stated
+   assumptions, not a measurement) of the input bandwidth each host of a pod
+   needs for CIFAR-100-sized and ImageNet-sized runs.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -50,6 +65,13 @@ from modkd_jax.models import resnet
 INPUTS = {"resnet32": (32, 32, 3), "mlp": (28, 28, 1)}
 MEAN_STD = {"resnet32": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), "mlp": ((0.1307,), (0.3081,))}
 WORKER_FLAG = "--_devices_worker"
+PROCESSES_FLAG = "--_processes_worker"
+LAYOUTS = ((1, 2), (2, 1))  # (processes, CPU devices per process): the same 2-device mesh either way
+# Paper estimate of input bandwidth per host: (dataset, form handed over, bytes per image, steps/s assumed).
+ESTIMATE_BATCH, ESTIMATE_HOSTS = 4096, (4, 8)  # global batch; hosts of a v4-32 / v4-64 style pod (4 chips each)
+ESTIMATE = (("CIFAR-100", "32x32x3 uint8", 32 * 32 * 3, 10.0),
+            ("ImageNet", "224x224x3 uint8, decoded", 224 * 224 * 3, 5.0),
+            ("ImageNet", "JPEG, ~110 KB, before decode", 110_000, 5.0))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,10 +80,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="1,2,4,8", help="comma-separated mesh sizes (simulated CPU devices)")
     p.add_argument("--arch", default="resnet32", choices=sorted(INPUTS))
     p.add_argument("--classes", type=int, default=10, help="classes per task block")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch (divisible by every mesh size)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch (divisible by every mesh size, and by 2)")
     p.add_argument("--rounds", type=int, default=3, help="round-robin timing rounds (median reported)")
     p.add_argument("--steps", type=int, default=2, help="steps per timing round")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: memory, steps, devices")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: memory, steps, devices, processes")
     return p
 
 
@@ -189,10 +211,100 @@ def device_rows(args, argv: list[str]) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- processes (child processes)
+
+
+def processes_worker(args) -> int:
+    """In each child process: join the others (if any), time the data-parallel step fed through ``shard_batch``.
+
+    Prints one JSON line: this process's index, the process and device counts, its median seconds per step and
+    the bytes of input it handed to JAX per step (its own rows of the global batch).
+    """
+    from modkd_jax import parallel  # imported here: after XLA_FLAGS took effect
+
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        parallel.maybe_initialize_distributed(True)  # reads JAX_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID
+    tasks = int(args.tasks.split(",")[0])
+    step, (batch, *others), carry = step_setup(args.arch, tasks, args.classes, args.batch_size)
+    host = jax.tree.map(np.asarray, batch)  # the global batch in host memory, the same in every process
+    mesh = parallel.make_mesh(data=jax.device_count())
+    sharded = parallel.data_parallel(step, mesh)
+    placed = tuple(parallel.replicate(mesh, tuple(others)))
+    state = {"carry": parallel.replicate(mesh, carry), "fed": 0}
+
+    def run():  # input feeding is part of the step: host rows -> this process's devices, every step
+        fed = parallel.shard_batch(mesh, host)
+        state["fed"] = sum(s.data.nbytes for leaf in jax.tree.leaves(fed) for s in leaf.addressable_shards)
+        state["carry"], m = sharded(state["carry"], fed, *placed)
+        return m["loss"]
+
+    secs = common.interleaved({"step": run}, rounds=args.rounds, calls=args.steps)["step"]
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "devices": jax.local_device_count(), "secs": secs, "fed": state["fed"]}), flush=True)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(processes: int, devices: int, argv: list[str], timeout: float = 1800) -> list[dict]:
+    """Start ``processes`` children of ``devices`` single-threaded CPU devices each; their JSON lines, by index."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
+                                         "--xla_cpu_multi_thread_eigen=false"])
+    env["JAX_PLATFORMS"] = "cpu"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.scaling", *argv, PROCESSES_FLAG], text=True,
+                              env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                       JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(processes)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:  # only ours, and only if still running (a timeout or a failed peer)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
+    if failed:
+        raise RuntimeError(f"process worker failed ({processes} x {devices}):\n{failed[0][-3000:]}")
+    return sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["process"])
+
+
+def process_rows(args, argv: list[str]) -> list[dict]:
+    """One row per layout of ``LAYOUTS``: process 0's median step time, each process's input bytes per step."""
+    rows, base = [], None
+    for processes, devices in LAYOUTS:
+        reports = run_layout(processes, devices, argv)
+        secs = reports[0]["secs"]
+        base = base or secs
+        fed = sorted({r["fed"] for r in reports})
+        rows.append({"processes": processes, "devices per process": devices, "ms/step": f"{1000 * secs:.1f}",
+                     "input bytes per process per step": " / ".join(f"{b:,}" for b in fed),
+                     "time vs 1 process": f"{secs / base:.2f}x"})
+    return rows
+
+
+def estimate_lines() -> list[str]:
+    """The input bandwidth per host of a pod, from arithmetic: global batch x bytes per image x steps/s / hosts."""
+    lines = [f"estimate, not a measurement: input bytes per host per second = global batch ({ESTIMATE_BATCH}) x bytes "
+             f"per image x steps/s (assumed) / hosts; {' or '.join(map(str, ESTIMATE_HOSTS))} hosts "
+             f"(v4-32 / v4-64 style pods, 4 chips per host); MB = 10^6 B"]
+    rows = [{"dataset": name, "per image": form, "bytes/image": f"{size:,}", "steps/s": f"{rate:g}",
+             "images/s": f"{ESTIMATE_BATCH * rate:,.0f}",
+             **{f"MB/s per host, {h} hosts": f"{ESTIMATE_BATCH * size * rate / h / 1e6:,.0f}" for h in ESTIMATE_HOSTS}}
+            for name, form, size, rate in ESTIMATE]
+    return lines + [common.table(rows, list(rows[0]))]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    worker = WORKER_FLAG in argv
-    argv = [a for a in argv if a != WORKER_FLAG]
+    worker, processes_child = WORKER_FLAG in argv, PROCESSES_FLAG in argv
+    argv = [a for a in argv if a not in (WORKER_FLAG, PROCESSES_FLAG)]
     args = parser().parse_args(argv)
     try:
         tasks = [int(t) for t in args.tasks.split(",") if t]
@@ -200,13 +312,16 @@ def main(argv=None) -> int:
     except ValueError:
         tasks, sizes = [], []
     skip = {s for s in args.skip.split(",") if s}
+    splits = sizes + ([] if "processes" in skip else [2])  # the processes part splits the batch over 2 devices
     if (not tasks or not sizes or min(tasks + sizes) < 1 or min(args.classes, args.rounds, args.steps) < 1
-            or any(args.batch_size % n for n in sizes) or skip - {"memory", "steps", "devices"}):
-        print("error: need positive --tasks and --devices, a --batch_size divisible by every mesh size, "
-              "--skip among memory, steps, devices", file=sys.stderr)
+            or any(args.batch_size % n for n in splits) or skip - {"memory", "steps", "devices", "processes"}):
+        print("error: need positive --tasks and --devices, a --batch_size divisible by every mesh size (and 2), "
+              "--skip among memory, steps, devices, processes", file=sys.stderr)
         return 2
     if worker:
         return devices_worker(args)
+    if processes_child:
+        return processes_worker(args)
     print(common.banner())
     print(f"{args.arch}, {args.classes} classes per task, batch {args.batch_size}; {args.rounds} rounds x "
           f"{args.steps} steps, medians; shared machine: compare ratios within a table")
@@ -222,7 +337,14 @@ def main(argv=None) -> int:
         print(f"\n3. data-parallel step vs. simulated CPU devices ({tasks[0]} tasks, global batch {args.batch_size}); "
               f"{os.cpu_count()} cores shared by every simulated device: overhead, not speed-up")
         rows = device_rows(args, argv)
+        print(common.table(rows, list(rows[0])), flush=True)
+    if "processes" not in skip:
+        print(f"\n4. data-parallel step on 2 CPU devices: 1 process vs 2 processes on localhost (gloo); {tasks[0]} "
+              f"tasks, global batch {args.batch_size} fed through shard_batch every step; {common.load()}; both "
+              f"layouts share the same {os.cpu_count()} cores: the ratio is overhead, not speed-up")
+        rows = process_rows(args, argv)
         print(common.table(rows, list(rows[0])))
+        print("\n" + "\n".join(estimate_lines()))
     print(f"after timing: {common.load()}")
     return 0
 

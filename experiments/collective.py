@@ -151,6 +151,7 @@ def plot(results: dict, path: Path) -> None:
 def run(cfg: dict, workdir: str | Path | None, *, data_dir=None, tfds_dir=None, progress: bool = False,
         stop_after: int | None = None, echo=print) -> dict:
     """Run (or resume) a collective run through ``loop.run``; writes collective.md / .png when it is finished."""
+    echo = echo or (lambda _: None)
     world = build_world(cfg, data_dir, tfds_dir)
     results = loop.run(collective.learner(world), cfg, workdir, progress=progress, stop_after=stop_after, echo=echo,
                        title="collective distillation")

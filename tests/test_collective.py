@@ -156,10 +156,17 @@ def test_cli_writes_the_collective_block_and_resumes(tmp_path, capsys):
     assert results["accuracy_matrix"]["collective"] and results["lead_axes"] == ["agent"]
     out = capsys.readouterr().out
     assert "logits exchange own" in out
-    # a finished run is only read back: the same results
-    assert dkt_cli.main(CLI + ["--workdir", str(workdir)]) == 0
-    again = json.loads((workdir / "results.json").read_text())
-    assert again["collective"]["agents"] == block["agents"]
+    # a run stopped after round 1 and resumed from its checkpoint ends where the uninterrupted run did
+    from experiments import collective as cli
+
+    cfg = cli.resolve_config(cli.parser().parse_args(CLI))
+    part = tmp_path / "part"
+    assert cli.run(cfg, part, stop_after=1, echo=None)["tasks_done"] == 1
+    resumed = cli.run(cfg, part, echo=None)
+    assert resumed["collective"]["agents"] == block["agents"]
+    assert resumed["collective"]["weights_exchange"] == block["weights_exchange"]
+    for rule, R in results["accuracy_matrix"].items():
+        np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule], float), np.asarray(R, float))
 
 
 @pytest.mark.parametrize("argv, message", [

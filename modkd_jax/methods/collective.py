@@ -578,9 +578,13 @@ def weights_bytes_per_hop(state: PyTree) -> list[int]:
     return [dkt.tree_bytes(a["params"]) for a in state["agents"]]
 
 
-def collective_report(world: World, state: PyTree) -> dict:
-    """results.json's ``collective`` block: per agent own / other / all-class accuracy and bytes, per variant."""
-    learnt = learnt_after(world, world.rounds - 1)
+def collective_report(world: World, state: PyTree, rounds_done: int | None = None) -> dict:
+    """results.json's ``collective`` block after ``rounds_done`` rounds (default all): per agent own / other /
+    all-class accuracy and bytes sent, per variant; the central model; the least weights exchange's bytes."""
+    rounds_done = world.rounds if rounds_done is None else rounds_done
+    if rounds_done == 0:
+        return {"collective": None}
+    learnt = learnt_after(world, rounds_done - 1)
     own = own_masks(world, learnt)
     pred = predictions(world, state, learnt)
     hops = int(state["hops"])
@@ -619,5 +623,5 @@ def learner(world: World) -> Learner:
         param_counts=lambda state: {"learner_per_agent": [models.param_count(a["params"]) for a in state["agents"]],
                                     "student_per_agent": models.param_count(
                                         jax.tree.map(lambda v: v[0], state["students"]["probe"]["params"]))},
-        report=lambda state, infos: collective_report(world, state),
+        report=lambda state, infos: collective_report(world, state, len(infos)),
         describe=lambda info: f"sent {info['bytes_sent']['probe'][0]:,} B (agent 0)", mesh=world.mesh)

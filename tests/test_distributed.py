@@ -57,20 +57,24 @@ def test_bad_process_settings_are_one_line_and_exit_2(tmp_path, capsys, monkeypa
 MP_CHECK = Path(__file__).resolve().parent / "multiprocess_check.py"
 
 
-def test_two_processes_train_mind_and_ewc_to_the_one_process_matrices(tmp_path):
-    """2 processes x 2 devices = 1 process x 4 devices, each process handing JAX only its half of every batch."""
+def _one_and_two(script: Path, tmp_path: Path, single: str) -> tuple[dict, dict]:
+    """``script``'s JSON record run as one process (mode ``single``) and as 2 processes x 2 devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    single = subprocess.run([sys.executable, str(MP_CHECK), str(tmp_path / "single.json"), "single"], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), single], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(MP_CHECK), str(tmp_path / "multi.json"), str(i), str(port)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "two.json"), str(i), str(port)],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-    one = json.loads((tmp_path / "single.json").read_text())
-    two = json.loads((tmp_path / "multi.json").read_text())
+    return tuple(json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+
+
+def test_two_processes_train_mind_and_ewc_to_the_one_process_matrices(tmp_path):
+    """2 processes x 2 devices = 1 process x 4 devices, each process handing JAX only its half of every batch."""
+    one, two = _one_and_two(MP_CHECK, tmp_path, "single")
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["fed"] and all(2 * local == whole for local, whole in two["fed"])  # each process: half the rows
     for method, matrices in one["results"].items():
@@ -85,17 +89,7 @@ DKT_CHECK = Path(__file__).resolve().parent / "dkt_multiprocess_check.py"
 def test_dkt_agents_across_two_processes_equal_the_vmapped_run(tmp_path):
     """4 DKT agents on an agents axis spanning 2 processes x 2 devices (the ring's ppermute crosses processes)
     give the matrices and bytes of the same run vmapped in one process."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    one = subprocess.run([sys.executable, str(DKT_CHECK), str(tmp_path / "one.json"), "vmapped"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(DKT_CHECK), str(tmp_path / "two.json"), str(i), str(port)],
-                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    a, b = _one_and_two(DKT_CHECK, tmp_path, "vmapped")
     assert a["processes"] == 1 and b["processes"] == 2
     assert a["bytes"] == b["bytes"] and min(a["bytes"]) > 0
     for rule, R in a["R"].items():

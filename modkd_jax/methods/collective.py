@@ -535,23 +535,25 @@ def choose_gates(world: World, agents: list, students: PyTree, taught: np.ndarra
     return gates, evidence
 
 
-def predictions(world: World, state: PyTree, learnt: list[int]) -> dict[str, np.ndarray]:
-    """Every agent's predicted class of every test image ``[A, n]`` per rule, and the central model's ``[n]``.
+def predictions(world: World, state: PyTree, learnt: list[int], x: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every agent's predicted class of every image of ``x`` (default: the test set) ``[A, n]`` per rule, and the
+    central model's ``[n]``.
 
     ``alone``: the agent's own learner among its own classes. ``collective`` / ``weights``: ``gated`` by the
     student of that exchange at the agent's gate (``choose_gates``). ``student``: the probe-exchange student's
     best class of all it was taught.
     """
+    x = world.test_x if x is None else x
     own = own_masks(world, learnt)
-    alone = np.argmax(own_tables(world, state["agents"], learnt, world.test_x), axis=-1)
+    alone = np.argmax(own_tables(world, state["agents"], learnt, x), axis=-1)
     out = {"alone": alone}
     for v in VARIANTS:
         taught = np.asarray(state["taught"][v])
-        own_mass, other, best = student_view(world, state["students"][v], taught, own, world.test_x)
+        own_mass, other, best = student_view(world, state["students"][v], taught, own, x)
         out[RULE_OF[v]] = gated(alone, own_mass, other, state["gates"][v], (taught & ~own).any(-1))
         if v == "probe":
             out["student"] = np.where(taught.any(-1)[:, None], best, alone)
-    joint = world.fns["net"].apply(state["joint"], batching.to_float(world.test_x, *(
+    joint = world.fns["net"].apply(state["joint"], batching.to_float(x, *(
         jnp.asarray(v, jnp.float32) for v in world.scenario.norm)), 0, train=False)
     out["joint"] = np.asarray(jnp.argmax(joint, -1))
     return out
@@ -565,10 +567,12 @@ def evaluate(world: World, state: PyTree, seen: int) -> dict[str, np.ndarray]:
                             for a in range(world.agents)]) for rule in RULES}
 
 
-def class_accuracies(world: World, pred: np.ndarray, own: np.ndarray) -> dict[str, float]:
-    """One agent's accuracy on the test images of its own classes, of the others', and of all."""
-    right = pred == world.test_y
-    mine = own[world.test_y]
+def class_accuracies(world: World, pred: np.ndarray, own: np.ndarray, y: np.ndarray | None = None
+                     ) -> dict[str, float]:
+    """One agent's accuracy on the images (default: the test set) of its own classes, of the others', and of all."""
+    y = world.test_y if y is None else y
+    right = pred == y
+    mine = own[y]
     return {"own_classes": float(right[mine].mean()), "other_classes": float(right[~mine].mean()),
             "all_classes": float(right.mean())}
 
@@ -587,10 +591,14 @@ def collective_report(world: World, state: PyTree, rounds_done: int | None = Non
     learnt = learnt_after(world, rounds_done - 1)
     own = own_masks(world, learnt)
     pred = predictions(world, state, learnt)
+    val = [t.val for t in world.scenario.tasks]  # every task's validation split: the experimenter's choices
+    val_x, val_y = np.concatenate([v.x for v in val]), np.concatenate([v.y_global for v in val]).astype(np.int32)
+    val_pred = predictions(world, state, learnt, val_x)
     hops = int(state["hops"])
 
     def agents_of(rule: str, variant: str | None) -> list[dict]:
         return [{"agent": a, **class_accuracies(world, pred[rule][a], own[a]),
+                 "val_all_classes": class_accuracies(world, val_pred[rule][a], own[a], val_y)["all_classes"],
                  "bytes_sent": int(np.asarray(state["bytes_sent"][variant])[a]) if variant else 0}
                 for a in range(world.agents)]
 
@@ -599,7 +607,10 @@ def collective_report(world: World, state: PyTree, rounds_done: int | None = Non
         "alone": agents_of("alone", None),
         "weights_exchange": agents_of("weights", "weights"),
         "student": agents_of("student", None),
-        "joint": {"all_classes": float(np.mean(pred["joint"] == world.test_y))},
+        "joint": {"all_classes": float(np.mean(pred["joint"] == world.test_y)),
+                  "val_all_classes": float(np.mean(val_pred["joint"] == val_y)),
+                  "own_classes": [class_accuracies(world, pred["joint"], own[a])["own_classes"]
+                                  for a in range(world.agents)]},
         "weights_exchange_bytes": [hops * b for b in weights_bytes_per_hop(state)],
         "round_test_images": [int(np.isin(world.test_y, round_classes(list(world.agent_scenarios), r)).sum())
                               for r in range(world.rounds)],

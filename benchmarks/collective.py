@@ -10,7 +10,10 @@ finished run directory is only read, an unfinished one resumes. Per variant
 own / other / all-class test accuracy (mean ± std over seeds of the mean over
 agents), the worst agent's all-class accuracy against the central model and its
 own-class drop against training alone (the issue's goals), and bytes sent per
-agent against what sending one's parameters every hop would send.
+agent against what sending one's parameters every hop would send. The central
+model's row gives its accuracy on each agent's own classes (predicting among all
+classes) and its worst drop against the agent alone: what any all-class
+predictor as good as the upper bound gives up on an agent's own classes.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ def _ms(values) -> str:
 
 def summarize(blocks: list[dict]) -> dict:
     """Per seed: each variant's mean over agents, the worst agent's ratio to joint and own-class drop, bytes."""
-    out = {"joint": [b["joint"]["all_classes"] for b in blocks]}
+    out = {"joint": [b["joint"]["all_classes"] for b in blocks],
+           "joint.own_classes": [np.mean(b["joint"]["own_classes"]) for b in blocks],
+           "joint.worst_drop": [max(al["own_classes"] - j for j, al in zip(b["joint"]["own_classes"], b["alone"]))
+                                for b in blocks]}
     for _, key in VARIANTS:
         for part in PARTS:
             out[f"{key}.{part}"] = [np.mean([a[part] for a in b[key]]) for b in blocks]
@@ -71,6 +77,8 @@ def table(name: str, s: dict, seeds: int) -> str:
         lines.append(f"| {label} | {_ms(s[f'{key}.own_classes'])} | {_ms(s[f'{key}.other_classes'])} | "
                      f"{_ms(s[f'{key}.all_classes'])} | {100 * min(s[f'{key}.worst_ratio']):.1f} % | {drop} | "
                      f"{b:,.0f} | {ratio} |")
+    lines.append(f"| central model (all data) | {_ms(s['joint.own_classes'])} | - | {_ms(s['joint'])} | 100 % | "
+                 f"{100 * max(s['joint.worst_drop']):.2f} | - | - |")
     return "\n".join(lines)
 
 

@@ -17,10 +17,10 @@ by an element-wise maximum (an origin's entries never change once its task is
 learnt), so agents relay what they received: on a ring, ``N - 1`` hops per
 round bring every class to every agent.
 
-Messages (``exchange="probe"``): the top ``top_k`` entries of the table per
+Messages (variant ``probe``): the top ``top_k`` entries of the table per
 probe image, class ids uint8 and scores float16; nothing else crosses (the
 ``weights`` baseline sends the MIND models themselves and the receiver computes
-their tables). Each agent's **student** (an MLP over all classes, the MIND
+their tables; both variants run side by side in one run). Each agent's **student** (an MLP over all classes, the MIND
 network's width) is distilled from ``softmax(L)`` on the probe set (weight
 ``lam``) and trained on its own current task's labels. An agent predicts with
 the student as a gate: if the student puts at least ``gate`` of its mass on the

@@ -21,8 +21,9 @@ Messages (variant ``probe``): the top ``top_k`` entries of the table per
 probe image, class ids uint8 and scores float16; nothing else crosses (the
 ``weights`` baseline sends the MIND models themselves and the receiver computes
 their tables; both variants run side by side in one run). Each agent's
-**student** (an MLP over all classes, the MIND network's width) is distilled from ``softmax(L)`` on the probe set (weight
-``lam``) and trained on its own current task's labels. An agent predicts with
+**student** (an MLP over all classes, the MIND network's width) is distilled
+from ``softmax(L)`` on the probe set (weight ``lam``) and trained on its own
+current task's labels. An agent predicts with
 the student as a gate: if the student puts at least ``gate`` of its mass on the
 agent's own classes, the agent's own learner decides among them (its own
 scores); otherwise the student's best other class. ``gate`` is chosen per agent

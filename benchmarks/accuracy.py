@@ -45,8 +45,8 @@ TITLES = {"split_mnist": "Split MNIST (5 tasks)", "split_fashion_mnist": "Split 
 MIND_METHODS = ("mind", "mind_self_distillation")
 BASELINES = ("finetune", "lwf", "ewc", "packnet", "joint")
 METHODS = MIND_METHODS + ("experts",) + BASELINES
-UPPER_BOUNDS = ("joint",)
-INFERRING = MIND_METHODS + ("experts", "packnet")  # methods that infer the task of a class-incremental input  # reported, never "the best baseline"
+UPPER_BOUNDS = ("joint",)  # reported, never "the best baseline"
+INFERRING = MIND_METHODS + ("experts", "packnet")  # methods that infer the task of a class-incremental input
 
 
 @dataclasses.dataclass(frozen=True)

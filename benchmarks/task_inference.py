@@ -142,7 +142,8 @@ def sweep(bench: str, data_root: Path, settings=SWEEP) -> str:
              "| Gaussians per class | rank | shrinkage | task identified % | bytes per task |", "|---|---|---|---|---|"]
     for comps, rank, shrink in settings:
         fits = [gaussians.fit(np.asarray(task_inference.pixels(t.train.x)), t.train.y, len(t.classes),
-                              shrinkage=shrink, rank=rank, components=comps) for t in scenario.tasks]
+                              shrinkage=shrink, rank=rank, components=comps, key=jax.random.key(j))
+                for j, t in enumerate(scenario.tasks)]
         stats = {k: jnp.asarray(np.stack([f[k] for f in fits])) for k in fits[0]}
         right = total = 0
         for j, task in enumerate(scenario.tasks):

@@ -180,6 +180,8 @@ INFERENCE_HELP = {
     "gauss_components": "Gaussian rules: Gaussians per class (k-means clusters; 0: 40 per task among its classes)",
     "gauss_covariance": "Gaussian rules: one covariance per Gaussian ('component') or one per task",
     "prototypes": "prototype rule: spherical k-means centroids per task",
+    "report_rules": "test accuracies of 'used' rules only (max_prob and the rule in use) or of 'all' rules "
+                    "(their statistics are then fitted too)",
 }
 
 
@@ -188,7 +190,7 @@ def add_inference_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
     add_config_flags(parser, task_inference.InferenceConfig, [f for f in INFERENCE_FLAGS if f not in skip],
                      INFERENCE_HELP,
                      {"task_inference": ("auto",) + task_inference.RULES,
-                      "gauss_covariance": gaussians.COVARIANCES})
+                      "gauss_covariance": gaussians.COVARIANCES, "report_rules": task_inference.REPORTS})
 
 
 def inference_given(args: argparse.Namespace) -> bool:

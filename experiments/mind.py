@@ -14,12 +14,12 @@ from pathlib import Path
 from experiments.common import (add_config_flags, add_inference_flags, add_parallel_flags, add_run_flags, config_from,
                                 config_of, guarded, inference_from, mesh_from_args, run_on_scenario, run_settings,
                                 show_progress)
-from modkd_jax import losses, models
+from modkd_jax import losses, models, routing
 from modkd_jax.methods import mind
 
 FLAGS = ("arch", "hidden", "epochs", "distill_epochs", "batch_size", "lr", "distill_lr", "optimizer", "weight_decay",
          "beta", "distill_loss", "distill_temperature", "temperature", "policy", "self_distillation", "init_new",
-         "crop_flip", "brightness", "drop_last", "teacher_bn", "bn_init")
+         "crop_flip", "brightness", "drop_last", "teacher_bn", "bn_init", "eval_strategy")
 HELP = {
     "epochs": "teacher (self-training) epochs per task", "lr": "teacher learning rate",
     "weight_decay": "decoupled weight decay (AdamW) of both phases", "beta": "weight of the distillation term",
@@ -31,10 +31,12 @@ HELP = {
     "teacher_bn": "teacher's batch norm while distilling: running statistics, or batch statistics",
     "bn_init": "a task's batch-norm row starts fresh, or as a copy of the previous task's (reference)",
     "brightness": "brightness jitter d: images scaled by U[1-d, 1+d]", "drop_last": "skip each epoch's last partial batch",
+    "eval_strategy": "evaluation runs the sub-networks one after another (map: memory of one) or batched (vmap: "
+                     "faster for dense models on an accelerator)",
 }
 CHOICES = {"arch": models.ARCHS, "optimizer": ("adam", "sgd"), "distill_loss": losses.DISTILL_LOSSES,
            "policy": ("random", "magnitude"), "init_new": ("zero", "keep"), "teacher_bn": ("running", "batch"),
-           "bn_init": ("fresh", "copy")}
+           "bn_init": ("fresh", "copy"), "eval_strategy": routing.STRATEGIES}
 
 
 def inference_temperature(setting: float | str | None) -> float | None:

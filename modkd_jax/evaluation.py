@@ -9,6 +9,8 @@ owner map at once; one network on one class block) live here too.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, Iterable
 
 import jax
@@ -31,19 +33,95 @@ def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple
         yield xb, yb, valid
 
 
-def batch_size_for(counts: Callable, batch_size: int, splits) -> int:
-    """The evaluation batch: at most the largest split (anything with a length), a multiple of a data-parallel
-    function's devices."""
+def batch_size_for(counts: Callable, batch_size: int) -> int:
+    """The evaluation batch: ``batch_size`` rounded up to a multiple of a data-parallel function's devices.
+
+    It never depends on a split's size, so every split of every task runs the one compiled program.
+    """
     n = parallel.devices_of(counts)
-    size = max(1, min(batch_size, max(len(s) for s in splits)))
-    return -(-size // n) * n
+    return -(-max(1, batch_size) // n) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """Splits resident on the device: their rows end to end (zero-padded by one batch), where each starts, its size.
+
+    ``place`` builds it once; ``take`` picks splits without copying, so every evaluation of a run reads the
+    same device buffers (no upload per task, no new shapes).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def take(self, indices: Iterable[int]) -> "Placed":
+        """The splits ``indices`` of these (same device buffers)."""
+        indices = list(indices)
+        return dataclasses.replace(self, starts=tuple(self.starts[i] for i in indices), sizes=tuple(self.sizes[i] for i in indices))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def place(splits, batch_size: int, mesh=None) -> Placed:
+    """``splits`` (``Split``s) on the device once, end to end, padded so that any split's last batch is in bounds.
+
+    With a ``mesh`` the rows are replicated on every device (each device slices its share of a batch).
+    """
+    sizes = tuple(len(s.y) for s in splits)
+    starts = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)[:-1]])) if sizes else ()
+    first = splits[0]
+    x = np.concatenate([np.asarray(s.x) for s in splits] + [np.zeros((batch_size, *first.x.shape[1:]), first.x.dtype)])
+    y = np.concatenate([np.asarray(s.y) for s in splits] + [np.zeros((batch_size,), first.y.dtype)])
+    put = jax.device_put if mesh is None else functools.partial(parallel.replicate, mesh)
+    return Placed(put(x), put(y), starts, sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _looped(counts: Callable, batch_size: int) -> Callable:
+    """``run(args, x, y, start, size, true_task, seen, extra) -> summed counts`` over one placed split, jitted.
+
+    One ``while`` loop of fixed-size batches inside one compiled call: no transfer or fetch per batch.
+    A data-parallel ``counts`` runs its function on batches split along its mesh's ``data`` axis.
+    """
+    mesh = counts.mesh if isinstance(counts, parallel.DataParallel) else None
+    fn = counts.fn if mesh is not None else counts
+
+    def run(args, x, y, start, size, true_task, seen, extra):
+        def batch(i):
+            at = start + i * batch_size
+            xb = jax.lax.dynamic_slice_in_dim(x, at, batch_size)
+            yb = jax.lax.dynamic_slice_in_dim(y, at, batch_size)
+            valid = i * batch_size + jnp.arange(batch_size) < size
+            if mesh is not None:
+                xb, yb, valid = parallel.constrain_batch(mesh, (xb, yb, valid))
+            return fn(*args, xb, yb, valid, true_task, seen, *extra)
+
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, 0))
+        count = (size + batch_size - 1) // batch_size
+        return jax.lax.fori_loop(0, count, lambda i, tot: jax.tree.map(jnp.add, tot, batch(i)), zero)
+
+    if mesh is None:
+        return jax.jit(run)
+    return parallel.data_parallel(run, mesh, batch_argnums=(), donate_argnums=())
 
 
 def counts_per_split(counts: Callable, args: tuple, splits, seen: int, batch_size: int,
                      task_ids: Iterable[int] | None = None, extra: tuple = ()) -> list[tuple[dict, int]]:
-    """``[(summed counts, examples)]`` per split; split ``i`` belongs to task ``task_ids[i]`` (default ``i``)."""
+    """``[(summed counts, examples)]`` per split; split ``i`` belongs to task ``task_ids[i]`` (default ``i``).
+
+    ``splits`` is a ``Placed`` (device-resident: one compiled loop per split, one fetch per split) or a list
+    of ``Split``s (fixed-size padded batches from the host).
+    """
     task_ids = range(len(splits)) if task_ids is None else list(task_ids)
-    batch_size = batch_size_for(counts, batch_size, splits)
+    batch_size = batch_size_for(counts, batch_size)
+    if isinstance(splits, Placed):
+        run = _looped(counts, batch_size)
+        totals = [run(args, splits.x, splits.y, jnp.int32(start), jnp.int32(n), jnp.int32(j), jnp.int32(seen),
+                      tuple(extra)) if n else None
+                  for j, start, n in zip(task_ids, splits.starts, splits.sizes)]
+        return [(None if c is None else jax.tree.map(parallel.to_host, c), n) for c, n in zip(totals, splits.sizes)]
     out = []
     for j, split in zip(task_ids, splits):
         total = None
@@ -61,9 +139,9 @@ def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int
     Args:
       counts: the method's jitted counts function (see the module docstring).
       args: its leading arguments (variables, owner map ...).
-      splits: the ``Split``s to evaluate.
+      splits: the ``Split``s to evaluate, or a ``Placed`` (device-resident).
       seen: the number of tasks learnt so far (class-incremental rules choose among them).
-      batch_size: examples per call (padded; fewer for small splits).
+      batch_size: examples per call (padded).
       task_ids: the task of each split (default ``0, 1, ...``).
       extra: trailing arguments (the inference temperature ...).
     """
@@ -73,36 +151,42 @@ def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int
 
 
 def make_subnet_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, kinds,
-                       rules: tuple[str, ...] = task_inference.SUBNET_RULES) -> Callable:
+                       rules: tuple[str, ...] = task_inference.SUBNET_RULES,
+                       in_use: tuple[str, ...] = task_inference.SUBNET_RULES, strategy: str = "map") -> Callable:
     """``counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau)``, jitted.
 
-    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_outputs``);
-    every task-inference rule of ``rules`` chooses among the first ``seen`` (``task_inference.infer``)
-    and the class is the chosen sub-network's. ``inference`` holds the fitted statistics and the
-    rule in use (``task_inference.init_stats``); ``tau`` (the inference temperature) is traced,
-    so choosing it compiles nothing new. Returns ``til`` and ``task_inference.rule_counts``.
+    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_outputs``); each rule of
+    ``rules`` chooses among the first ``seen`` (``task_inference.infer``: ``cil_<rule>``, ``task_id_<rule>``)
+    and the class is the chosen sub-network's. ``cil`` / ``task_id`` are those of the rule in use,
+    ``in_use[inference["rule"]]``, the only other rule computed (``task_inference.infer_in_use``; empty
+    ``in_use``: none). ``inference`` holds the fitted statistics (``task_inference.init_stats``); ``tau``
+    (the inference temperature) and the rule in use are traced, so changing them compiles nothing new.
+    ``strategy`` runs the sub-networks one after another (``"map"``) or batched (``"vmap"``, ``routing``).
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
     def counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau):
         xf = batching.to_float(x, mean, std)
-        logits, features = routing.subnet_outputs(apply_fn, params, batch_stats, owner, xf, task_count, block_size)
-        grad = None
-        if "entropy_grad" in rules:
-            grad = task_inference.entropy_gradient(apply_fn, params, batch_stats, owner, kinds, xf, seen,
-                                                   task_count, block_size)
-        tasks = task_inference.infer(rules, logits, seen, tau=tau, x=task_inference.pixels(x), stats=inference,
-                                     features=features, grad=grad)
+        logits, features = routing.subnet_outputs(apply_fn, params, batch_stats, owner, xf, task_count, block_size,
+                                                  strategy)
+        kwargs = dict(tau=tau, x=task_inference.pixels(x), stats=inference, features=features,
+                      grad=lambda: task_inference.entropy_gradient(apply_fn, params, batch_stats, owner, kinds, xf,
+                                                                   seen, task_count, block_size))
+        tasks = task_inference.infer(rules, logits, seen, **kwargs)
         cls = jnp.argmax(logits, axis=-1)  # (T, B): every sub-network's class
         out = {"til": jnp.sum(valid & (cls[true_task] == y))}
-        out.update(task_inference.rule_counts(tasks, cls, y, valid, true_task, inference["rule"]))
+        out.update(task_inference.rule_counts(tasks, cls, y, valid, true_task))
+        if in_use:
+            task = task_inference.infer_in_use(in_use, inference["rule"], logits, seen, known=tasks, **kwargs)
+            out["cil"], out["task_id"] = task_inference.correct_counts(task, cls, y, valid, true_task)
         return out
 
     return counts
 
 
-def make_tau_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std) -> Callable:
+def make_tau_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, strategy: str = "map"
+                    ) -> Callable:
     """``counts(params, batch_stats, owner, x, y, valid, true_task, seen, taus) -> {"cil": (K,)}``, jitted.
 
     The max-probability rule's correct counts for every candidate inference
@@ -113,7 +197,7 @@ def make_tau_counts(apply_fn: Callable, task_count: int, block_size: int, mean, 
     @jax.jit
     def counts(params, batch_stats, owner, x, y, valid, true_task, seen, taus):
         logits = routing.subnet_logits(apply_fn, params, batch_stats, owner, batching.to_float(x, mean, std),
-                                       task_count, block_size)
+                                       task_count, block_size, strategy)
         cls = jnp.argmax(logits, axis=-1)  # (T, B): a block's predicted class does not depend on tau
 
         def correct(tau):
@@ -157,10 +241,12 @@ def make_block_counts(apply_fn: Callable, block_size: int, mean, std) -> Callabl
 
 
 def block_accuracy(counts: Callable, variables, split, task: int, batch_size: int) -> float:
-    """Accuracy of ``counts`` (``make_block_counts``) on one split of ``task``; NaN for an empty split."""
-    if len(split.y) == 0:
+    """Accuracy of ``counts`` (``make_block_counts``) on one split of ``task`` (a ``Split`` or a one-split
+    ``Placed``); NaN for an empty split."""
+    splits = split if isinstance(split, Placed) else [split]
+    if sum(split.sizes if isinstance(split, Placed) else [len(split.y)]) == 0:
         return float("nan")
-    return float(accuracies(counts, (variables,), [split], task + 1, batch_size, [task])["til"][0])
+    return float(accuracies(counts, (variables,), splits, task + 1, batch_size, [task])["til"][0])
 
 
 def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
@@ -176,12 +262,29 @@ def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
     return features
 
 
-def features_of(features: Callable, args: tuple, x: np.ndarray, task: int, batch_size: int) -> np.ndarray:
-    """``features(*args, batch, task)`` of every image of ``x``, in order: ``(n, h)``."""
-    batch_size = batch_size_for(features, batch_size, [x])
-    rows = [np.asarray(features(*args, xb, jnp.int32(task)))[valid]
-            for xb, _, valid in pad_batches(x, np.zeros(len(x), np.int32), batch_size)]
-    return np.concatenate(rows)
+@functools.lru_cache(maxsize=None)
+def _mapped(features: Callable, batch_size: int) -> Callable:
+    """``run(args, x, task)``: ``features`` over ``x`` in batches (``lax.map``) inside one compiled call."""
+    fn = features.fn if isinstance(features, parallel.DataParallel) else features
+
+    def run(args, x, task):
+        batches = x.reshape(x.shape[0] // batch_size, batch_size, *x.shape[1:])
+        out = jax.lax.map(lambda xb: fn(*args, xb, task), batches)
+        return out.reshape(x.shape[0], *out.shape[2:])
+
+    return jax.jit(run)
+
+
+def features_of(features: Callable, args: tuple, x, task: int, batch_size: int) -> jax.Array:
+    """``features(*args, batch, task)`` of every image of ``x`` (host or device rows), in order: ``(n, h)`` on the
+    device, computed in one compiled call (no fetch per batch)."""
+    batch_size = batch_size_for(features, batch_size)
+    n = len(x)
+    pad = -n % batch_size
+    x = jnp.asarray(x)
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    return _mapped(features, batch_size)(args, x, jnp.int32(task))[:n]
 
 
 def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], counts: Callable, args: tuple, splits,
@@ -202,30 +305,46 @@ def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], cou
     return rules.index(rule), {"rule": rule, "val_task_id": val}
 
 
-def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
-                            counts: Callable, args: tuple, batch_size: int, key: jax.Array, extra: tuple = ()):
+def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train, val,
+                            features: Callable, counts: Callable | None, args: tuple, batch_size: int, key: jax.Array,
+                            extra: tuple = ()):
     """``(inference, info)`` after task ``t`` of a sub-network method: t's statistics fitted from its training
     split only, then the rule in use chosen on the seen tasks' validation splits (``choose_rule``).
 
-    ``features`` is ``make_subnet_features``'s function, ``counts`` ``make_subnet_counts``'s (``extra``: its
-    trailing arguments), ``args`` the sub-networks' ``(params, batch_stats, owner)``.
+    Args:
+      cfg: the task-inference settings (its candidates are the rules ``counts`` scores).
+      inference: the statistics so far (``task_inference.init_stats``).
+      scenario: the tasks (class counts).
+      t: the task that just ended.
+      train: its training split (a ``training.DeviceSplit`` or a host ``Split``).
+      val: the seen tasks' validation splits (``Placed`` or ``Split``s).
+      features: ``make_subnet_features``'s function.
+      counts: ``make_subnet_counts``'s over the candidate rules (None unless ``auto``).
+      args: the sub-networks' ``(params, batch_stats, owner)``.
+      batch_size: evaluation batch.
+      key: PRNG key of the fits.
+      extra: ``counts``' trailing arguments.
     """
-    inference = _fit_subnet_statistics(cfg, inference, scenario, t, features, args, batch_size, key)
-    rule, info = choose_rule(cfg, task_inference.SUBNET_RULES, counts, (*args, inference),
-                             [scenario.tasks[j].val for j in range(t + 1)], t + 1, batch_size, extra)
+    inference = _fit_subnet_statistics(cfg, inference, scenario, t, train, features, args, batch_size, key)
+    rule, info = choose_rule(cfg, cfg.candidates(task_inference.SUBNET_RULES), counts, (*args, inference), val,
+                             t + 1, batch_size, extra)
     return {**inference, "rule": jnp.int32(rule)}, info
 
 
-def _fit_subnet_statistics(cfg: task_inference.InferenceConfig, inference, scenario, t: int, features: Callable,
-                           args: tuple, batch_size: int, key: jax.Array):
-    """Task ``t``'s task-inference statistics, from its training split only (features of its sub-networks)."""
-    train = scenario.tasks[t].train
-    kwargs = {"x": np.asarray(train.x.reshape(len(train.x), -1), np.float32) / 255.0}
+def _fit_subnet_statistics(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train,
+                           features: Callable, args: tuple, batch_size: int, key: jax.Array):
+    """Task ``t``'s task-inference statistics from its training split only, on the device (padded rows masked)."""
+    if not any(r in inference for r in task_inference.SUBNET_RULES):
+        return inference  # no rule in use keeps statistics
+    x, y = jnp.asarray(train.x), jnp.asarray(train.y)
+    valid = jnp.arange(x.shape[0]) < len(train)
+    kwargs = {"x": task_inference.pixels(x)}
     if "gauss_own" in inference:
-        kwargs["own"] = features_of(features, args, train.x, t, batch_size)
+        kwargs["own"] = features_of(features, args, x, t, batch_size)
     if "gauss_first" in inference:
-        kwargs["first"] = features_of(features, args, train.x, 0, batch_size)
-    return task_inference.fit_task(cfg, inference, t, train.y, len(scenario.tasks[t].classes), key=key, **kwargs)
+        kwargs["first"] = features_of(features, args, x, 0, batch_size)
+    return task_inference.fit_task(cfg, inference, t, y, len(scenario.tasks[t].classes), valid=valid, key=key,
+                                   **kwargs)
 
 
 def inference_report(inference, rules: tuple[str, ...], infos: list[dict]) -> dict:

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from modkd_jax import checkpoint, metrics, parallel, rundir
+from modkd_jax import checkpoint, diagnostics, metrics, parallel, rundir
 from modkd_jax.learner import Learner
 
 SCHEMA = 2  # version of results.json's layout
@@ -116,7 +116,7 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
             rundir.truncate_metrics(workdir, start)
             log = lambda rec: rundir.log_metrics(workdir, rec)  # noqa: E731
     for t in range(start, T if stop_after is None else min(T, stop_after)):
-        t0 = time.perf_counter()
+        t0, compiles = time.perf_counter(), diagnostics.backend_compiles()
         state, info = learner.learn_task(state, t, jax.random.fold_in(task_key, t), log=log, progress=progress)
         rows = learner.evaluate(state, t + 1)
         if R is None:
@@ -124,6 +124,7 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
         for rule, row in rows.items():
             R[rule][..., t, :] = row
         info["seconds"] = time.perf_counter() - t0
+        info["compiles"] = diagnostics.backend_compiles() - compiles  # 0 after the first task: nothing recompiles
         info = json.loads(json.dumps(rundir._jsonable(info)))  # as a resumed run reads it back (NaN: null)
         seconds.append(info["seconds"])
         infos.append(info)

@@ -41,6 +41,15 @@ def _f32(x: jax.typing.ArrayLike) -> Array:
     return jnp.asarray(x, jnp.float32)
 
 
+def batch_mean(values: Array, weights: jax.typing.ArrayLike | None = None) -> Array:
+    """Mean of per-example ``values``, or their ``weights``-weighted mean (a padded batch's ``valid`` mask)."""
+    if weights is None:
+        return jnp.mean(values)
+    w = jnp.asarray(weights, jnp.float32).reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
+    w = jnp.broadcast_to(w, values.shape)
+    return jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def _log_probs(logits: jax.typing.ArrayLike, temperature: float | Array) -> Array:
     """Temperature-scaled log-softmax over the class axis (the only normaliser used)."""
     return jax.nn.log_softmax(_f32(logits) / temperature, axis=-1)
@@ -59,9 +68,9 @@ def _kl_log(log_p: Array, log_q: Array) -> Array:
     return optax.losses.kl_divergence_with_log_targets(log_q, log_p, axis=-1, where=support)
 
 
-def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) -> Array:
-    """Batch-mean softmax cross-entropy with integer labels (the plain task loss)."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_f32(logits), labels))
+def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, weights=None) -> Array:
+    """Batch-mean softmax cross-entropy with integer labels (the plain task loss); ``weights``: see ``batch_mean``."""
+    return batch_mean(optax.softmax_cross_entropy_with_integer_labels(_f32(logits), labels), weights)
 
 
 def block_logits(logits: jax.typing.ArrayLike, offset: int | Array, size: int) -> Array:
@@ -89,17 +98,19 @@ def kd_kl(
     student_logits: jax.typing.ArrayLike,
     teacher_logits: jax.typing.ArrayLike,
     temperature: float | Array,
+    weights=None,
 ) -> Array:
     """Hinton distillation: T^2 * KL(p_teacher || p_student) at temperature T, teacher frozen."""
     log_pt = _log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
     log_ps = _log_probs(student_logits, temperature)
-    return jnp.mean(_kl_log(log_pt, log_ps)) * temperature**2
+    return batch_mean(_kl_log(log_pt, log_ps), weights) * temperature**2
 
 
 def js_divergence(
     p_logits: jax.typing.ArrayLike,
     q_logits: jax.typing.ArrayLike,
     temperature: float | Array = 1.0,
+    weights=None,
 ) -> Array:
     """Batch-mean Jensen-Shannon divergence of softmax(p/T) and softmax(q/T), in [0, log 2].
 
@@ -114,7 +125,7 @@ def js_divergence(
     both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
     log_m = jnp.logaddexp(jnp.where(both_zero, 0.0, log_p), jnp.where(both_zero, 0.0, log_q))
     log_m = log_m - math.log(2.0)
-    return jnp.mean(0.5 * _kl_log(log_p, log_m) + 0.5 * _kl_log(log_q, log_m))
+    return batch_mean(0.5 * _kl_log(log_p, log_m) + 0.5 * _kl_log(log_q, log_m), weights)
 
 
 def mse_soft_targets(
@@ -132,6 +143,7 @@ def symmetric_kl(
     p_logits: jax.typing.ArrayLike,
     q_logits: jax.typing.ArrayLike,
     temperature: float | Array = 1.0,
+    weights=None,
 ) -> Array:
     """MIND's L_SD: T^2 * 1/2 [KL(p||q) + KL(q||p)] of softmax(p/T) and softmax(q/T), batch mean.
 
@@ -142,7 +154,7 @@ def symmetric_kl(
     """
     log_p = _log_probs(p_logits, temperature)
     log_q = _log_probs(q_logits, temperature)
-    return jnp.mean(0.5 * (_kl_log(log_p, log_q) + _kl_log(log_q, log_p))) * temperature**2
+    return batch_mean(0.5 * (_kl_log(log_p, log_q) + _kl_log(log_q, log_p)), weights) * temperature**2
 
 
 DISTILL_LOSSES = ("symkl", "js", "kd")
@@ -153,8 +165,10 @@ def distillation(
     student_logits: jax.typing.ArrayLike,
     teacher_logits: jax.typing.ArrayLike,
     temperature: float | Array = 1.0,
+    weights=None,
 ) -> Array:
-    """The distillation term ``kind`` against a frozen teacher at temperature T, scaled by T^2.
+    """The distillation term ``kind`` against a frozen teacher at temperature T, scaled by T^2 (``weights``: a
+    padded batch's ``valid`` mask, see ``batch_mean``).
 
     ``symkl``: MIND's L_SD (``symmetric_kl``, the paper's default); ``js``: the
     true Jensen-Shannon divergence (``js_divergence``); ``kd``: Hinton's
@@ -163,11 +177,11 @@ def distillation(
     """
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     if kind == "symkl":
-        return symmetric_kl(teacher_logits, student_logits, temperature)
+        return symmetric_kl(teacher_logits, student_logits, temperature, weights)
     if kind == "js":
-        return js_divergence(teacher_logits, student_logits, temperature) * temperature**2
+        return js_divergence(teacher_logits, student_logits, temperature, weights) * temperature**2
     if kind == "kd":
-        return kd_kl(student_logits, teacher_logits, temperature)
+        return kd_kl(student_logits, teacher_logits, temperature, weights)
     raise ValueError(f"unknown distillation loss {kind!r}; expected one of {', '.join(DISTILL_LOSSES)}")
 
 

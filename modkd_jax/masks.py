@@ -21,6 +21,7 @@ Leaf kinds say how a leaf is shared between tasks:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -97,25 +98,57 @@ def full_mask(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
 
 
-def share_count(free: int, task: int, task_count: int) -> int:
-    """How many of a layer's ``free`` weights task ``task`` of ``task_count`` receives.
+def share_count(free, task, task_count):
+    """How many of a layer's ``free`` weights task ``task`` of ``task_count`` receives (ints or traced arrays).
 
     The still-free weights are split evenly over the tasks left, so the shares of
     N tasks always add up to the whole layer (the last task takes the remainder).
     """
-    if not 0 <= task < task_count:
-        raise ValueError(f"task {task} is outside 0..{task_count - 1}")
     return free // (task_count - task)
 
 
-def _select(owner: jax.Array, scores: jax.Array, count: int, task: int) -> jax.Array:
-    """Give the ``count`` free weights with the highest ``scores`` to ``task``."""
-    if count == 0:
-        return owner
+def _check_task(task: int, task_count: int) -> None:
+    """Refuse a task id outside ``0..task_count - 1`` (its share would be undefined)."""
+    if not 0 <= task < task_count:
+        raise ValueError(f"task {task} is outside 0..{task_count - 1}")
+
+
+def _check_policy(policy: str, key, weights) -> None:
+    """Refuse an unknown selection policy, or one missing the input it ranks by."""
+    if policy == "random":
+        if key is None:
+            raise ValueError("policy='random' needs a PRNG key")
+    elif policy == "magnitude":
+        if weights is None:
+            raise ValueError("policy='magnitude' needs the trained weights to rank")
+    else:
+        raise ValueError(f"unknown selection policy {policy!r}; expected 'random' or 'magnitude'")
+
+
+def _select(owner: jax.Array, scores: jax.Array, count, task) -> jax.Array:
+    """Give the ``count`` free weights with the highest ``scores`` to ``task``; ``count`` and ``task`` may be traced.
+
+    The whole layer is ranked by ``lax.top_k`` with ``k`` = its size (a static shape), so one program serves
+    every count, and the first ``count`` ranks are exactly what ``top_k(scores, count)`` picks (same order on
+    ties: lower index first).
+    """
     flat_owner = owner.reshape(-1)
     flat_scores = jnp.where(flat_owner == FREE, scores.reshape(-1).astype(jnp.float32), -jnp.inf)
-    _, idx = jax.lax.top_k(flat_scores, count)
-    return flat_owner.at[idx].set(jnp.asarray(task, OWNER_DTYPE)).reshape(owner.shape)
+    _, order = jax.lax.top_k(flat_scores, flat_scores.size)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    return jnp.where(rank < count, jnp.asarray(task, OWNER_DTYPE), flat_owner).reshape(owner.shape)
+
+
+@functools.partial(jax.jit, static_argnames="policy")
+def _share(owner: jax.Array, source, index, task, task_count, *, policy: str) -> jax.Array:
+    """``owner`` with ``task``'s share of its free weights, ranked by ``policy`` on ``source``.
+
+    ``source`` is the keys split for the whole tree (``"random"``: this leaf draws from key ``index``) or the
+    leaf's weights (``"magnitude"``). Everything but the policy is traced: one program per leaf shape serves
+    every task.
+    """
+    scores = jax.random.uniform(source[index], owner.shape) if policy == "random" else jnp.abs(source)
+    return _select(owner, scores, share_count(jnp.sum(owner == FREE), task, task_count), task)
 
 
 def assign(
@@ -133,28 +166,21 @@ def assign(
     ``policy="random"`` draws uniformly among free weights from ``key``;
     ``policy="magnitude"`` keeps the largest ``|w|`` of the (trained) ``weights``.
     Classifier blocks and per-task rows are already owned and are left alone.
+    Each gated layer is one jitted call whose program later tasks reuse (no host sync, no recompile).
     """
-    if policy == "random":
-        if key is None:
-            raise ValueError("policy='random' needs a PRNG key")
-    elif policy == "magnitude":
-        if weights is None:
-            raise ValueError("policy='magnitude' needs the trained weights to rank")
-    else:
-        raise ValueError(f"unknown selection policy {policy!r}; expected 'random' or 'magnitude'")
-
+    _check_policy(policy, key, weights)
+    _check_task(int(task), int(task_count))
+    task, task_count = np.int32(task), np.int32(task_count)
     leaves, treedef = jax.tree.flatten(owner)
-    kind_leaves = treedef.flatten_up_to(kinds)
-    weight_leaves = treedef.flatten_up_to(weights) if weights is not None else [None] * len(leaves)
-    keys = jax.random.split(key, len(leaves)) if key is not None else [None] * len(leaves)
+    keys = jax.random.split(key, len(leaves)) if policy == "random" else None  # leaf i draws from key i
+    weight_leaves = treedef.flatten_up_to(weights) if policy == "magnitude" else None
     out = []
-    for o, kind, w, k in zip(leaves, kind_leaves, weight_leaves, keys):
+    for i, (o, kind) in enumerate(zip(leaves, treedef.flatten_up_to(kinds))):
         if _check_kind(kind) != GATED:
             out.append(o)
             continue
-        count = share_count(int(jnp.sum(o == FREE)), task, task_count)
-        scores = jax.random.uniform(k, o.shape) if policy == "random" else jnp.abs(w)
-        out.append(_select(o, scores, count, task))
+        source = keys if policy == "random" else weight_leaves[i]
+        out.append(_share(o, source, np.int32(i), task, task_count, policy=policy))
     return jax.tree.unflatten(treedef, out)
 
 

@@ -218,6 +218,11 @@ def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
     return jax.tree.map(put, tree)
 
 
+def _placed(tree: PyTree, sharding: NamedSharding) -> bool:
+    """Whether every leaf of ``tree`` is a ``jax.Array`` already laid out as ``sharding`` (nothing to transfer)."""
+    return all(isinstance(x, jax.Array) and x.sharding == sharding for x in jax.tree.leaves(tree))
+
+
 class DataParallel:
     """A jitted function of this library made data-parallel on a mesh (see ``data_parallel``)."""
 
@@ -226,8 +231,8 @@ class DataParallel:
         self.fn, self.mesh = fn, mesh
         self.batch_argnums, self.donate_argnums = tuple(batch_argnums), tuple(donate_argnums)
         self.out_shardings = replicated(mesh) if out_shardings is None else out_shardings
+        self._replicated, self._batch = replicated(mesh), batch_sharding(mesh)
         self._compiled: dict[tuple[int, bool], Callable] = {}
-        self._signatures: set = set()
 
     @property
     def devices(self) -> int:
@@ -238,20 +243,27 @@ class DataParallel:
         leaves = [x for i in self.batch_argnums if i < len(args) for x in jax.tree.leaves(args[i])]
         return all(np.ndim(x) > 0 and np.shape(x)[0] % self.devices == 0 for x in leaves)
 
-    def _prepare(self, args):
-        n, split = len(args), self._splits(args)
+    def _jitted(self, n: int, split: bool) -> Callable:
+        """The jitted function for ``n`` arguments, batch arguments split or not (built once)."""
         if (n, split) not in self._compiled:
-            rep, bat = replicated(self.mesh), batch_sharding(self.mesh)
-            shardings = tuple(bat if split and i in self.batch_argnums else rep for i in range(n))
+            shardings = tuple(self._batch if split and i in self.batch_argnums else self._replicated for i in range(n))
             self._compiled[(n, split)] = jax.jit(self.fn, in_shardings=shardings, out_shardings=self.out_shardings,
                                                  donate_argnums=tuple(i for i in self.donate_argnums if i < n))
-        # Host arrays and single-device batches go to their shards, everything else to every device; arrays
-        # already placed pass through untouched (no copy, so donation still reuses their buffers).
-        args = [shard_batch(self.mesh, a) if split and i in self.batch_argnums else replicate(self.mesh, a)
-                for i, a in enumerate(args)]
-        self._signatures.add((n, split, tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
-                                              for x in jax.tree.leaves(args))))
-        return self._compiled[(n, split)], args
+        return self._compiled[(n, split)]
+
+    def _place(self, arg: PyTree, batch: bool) -> PyTree:
+        """``arg`` split along ``data`` (``batch``) or on every device; as it is if already laid out so.
+
+        Arrays already placed pass through untouched (no device_put, no copy, so donation still reuses their
+        buffers): a carry returned by the previous call and arguments placed once cost one check per leaf.
+        """
+        if _placed(arg, self._batch if batch else self._replicated):
+            return arg
+        return shard_batch(self.mesh, arg) if batch else replicate(self.mesh, arg)
+
+    def _prepare(self, args):
+        n, split = len(args), self._splits(args)
+        return self._jitted(n, split), [self._place(a, split and i in self.batch_argnums) for i, a in enumerate(args)]
 
     def __call__(self, *args):
         jitted, args = self._prepare(args)
@@ -263,8 +275,8 @@ class DataParallel:
         return jitted.lower(*args)
 
     def compiled_count(self) -> int:
-        """Distinct argument signatures seen, i.e. programs compiled (recompiles show up here)."""
-        return len(self._signatures)
+        """Programs compiled so far (one per distinct argument signature: recompiles show up here)."""
+        return sum(jitted._cache_size() for jitted in self._compiled.values())
 
 
 def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1,),
@@ -286,3 +298,10 @@ def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1,),
 def devices_of(fn: Callable) -> int:
     """The data-parallel width of a step or counts function: its devices, or 1 for a plain jitted one."""
     return fn.devices if isinstance(fn, DataParallel) else 1
+
+
+def constrain_batch(mesh: Mesh, tree: PyTree) -> PyTree:
+    """Inside a compiled function: every array of ``tree`` split along its leading axis over ``data`` (a batch
+    gathered on the device from replicated rows; each device computes its share)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)

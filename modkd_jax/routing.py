@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from modkd_jax import masks
 
 PyTree = Any
+STRATEGIES = ("map", "vmap")
 
 
 def _every_subnet(apply_fn: Callable, params: PyTree, batch_stats: PyTree, owner: PyTree, x: jax.Array,
@@ -117,18 +118,43 @@ def prototype_scores(emb: jax.Array, prototypes: jax.Array, membership: jax.Arra
     return jnp.max(jnp.where(membership[None], sims[:, None, :], -jnp.inf), axis=-1)
 
 
+def distinct_rows(key: jax.Array, member: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``k`` distinct random member rows of each mask of ``member`` ``(..., n)``: indices and whether each is one.
+
+    The top ``k`` of one uniform score per row, so a row's draw does not depend on rows appended after
+    it (padding); where a mask has fewer than ``k`` members the rest are flagged False.
+    """
+    n = member.shape[-1]
+    score = jnp.where(member, jax.random.uniform(key, (n,)), -jnp.inf)
+    score = jnp.concatenate([score, jnp.full(score.shape[:-1] + (max(k - n, 0),), -jnp.inf)], axis=-1)
+    top, rows = jax.lax.top_k(score, k)
+    return jnp.minimum(rows, n - 1), top > -jnp.inf
+
+
 @functools.partial(jax.jit, static_argnames=("k", "iters"))
-def spherical_kmeans(key: jax.Array, z: jax.Array, k: int, iters: int = 20) -> jax.Array:
-    """``k`` unit centroids of unit vectors ``z`` (cosine k-means from ``k`` distinct random points)."""
-    centroids = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
+def spherical_kmeans(key: jax.Array, z: jax.Array, k: int, iters: int = 20, valid: jax.Array | None = None
+                     ) -> jax.Array:
+    """``k`` unit centroids of unit vectors ``z`` (cosine k-means from ``k`` distinct random points).
+
+    With ``valid`` (bool ``(n,)``) only those rows count, the start is ``distinct_rows``' and, where fewer
+    than ``k`` rows are valid, the centroids without a row are copies of the first.
+    """
+    if valid is None:
+        centroids = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
+        alive, w = jnp.ones(k, bool), jnp.ones(z.shape[0])
+    else:
+        z = jnp.where(valid[:, None], z, 0.0)
+        rows, alive = distinct_rows(key, valid, k)
+        centroids, w = z[rows], valid.astype(z.dtype)
 
     def body(c, _):
-        assign = jnp.argmax(z @ c.T, axis=1)
-        sums = jax.ops.segment_sum(z, assign, k)
-        sizes = jax.ops.segment_sum(jnp.ones(z.shape[0]), assign, k)
+        assign = jnp.argmax(jnp.where(alive, z @ c.T, -jnp.inf), axis=1)
+        sums = jax.ops.segment_sum(z * w[:, None], assign, k)
+        sizes = jax.ops.segment_sum(w, assign, k)
         return jnp.where(sizes[:, None] > 0, l2_normalize(sums), c), None
 
-    return jax.lax.scan(body, centroids, None, iters)[0]
+    centroids = jax.lax.scan(body, centroids, None, iters)[0]
+    return jnp.where(alive[:, None], centroids, centroids[:1])
 
 
 def route(emb: jax.Array, prototypes: jax.Array, membership: jax.Array) -> jax.Array:

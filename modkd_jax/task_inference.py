@@ -28,6 +28,7 @@ the rule with the best task identification on validation data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -41,7 +42,7 @@ LOGIT_RULES = ("max_prob", "top2_entropy", "energy", "entropy")
 GAUSS_RULES = ("gauss_input", "gauss_own", "gauss_first")
 RULES = LOGIT_RULES + ("entropy_grad",) + GAUSS_RULES + ("prototype",)
 SUBNET_RULES = RULES  # sub-networks of an owner map (MIND, PackNet): every rule
-STAT_RULES = GAUSS_RULES + ("prototype",)  # rules with statistics fitted when a task ends
+REPORTS = ("used", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,11 @@ class InferenceConfig:
     gauss_components: int = 0  # Gaussians per class (k-means clusters); 0: 40 per task shared among its classes
     gauss_covariance: str = "component"  # one covariance per Gaussian, or one pooled per "task"
     prototypes: int = 10  # centroids per task of the prototype rule
+    report_rules: str = "used"  # test accuracy of "used" (max_prob and the rule in use) or of "all" rules
 
     def __post_init__(self):
+        if self.report_rules not in REPORTS:
+            raise ValueError(f"unknown report_rules {self.report_rules!r}; expected one of {', '.join(REPORTS)}")
         if self.task_inference != "auto" and self.task_inference not in RULES:
             raise ValueError(f"unknown task inference rule {self.task_inference!r}; expected 'auto' or one of "
                              f"{', '.join(RULES)}")
@@ -66,6 +70,20 @@ class InferenceConfig:
         if self.gauss_covariance not in gaussians.COVARIANCES:
             raise ValueError(f"unknown gauss_covariance {self.gauss_covariance!r}; expected one of "
                              f"{', '.join(gaussians.COVARIANCES)}")
+
+    def candidates(self, rules: tuple[str, ...]) -> tuple[str, ...]:
+        """The rules that can be in use: every one of ``rules`` under ``auto``, else the configured one."""
+        return tuple(rules) if self.task_inference == "auto" else (self.task_inference,)
+
+    def reported(self, rules: tuple[str, ...]) -> tuple[str, ...]:
+        """The rules whose accuracies a test evaluation reports beside the rule in use (``cil`` / ``task_id``):
+        ``max_prob`` (the paper's rule), or every rule (``report_rules="all"``)."""
+        return tuple(rules) if self.report_rules == "all" else tuple(r for r in rules if r == "max_prob")
+
+    def fitted(self, rules: tuple[str, ...]) -> tuple[str, ...]:
+        """The rules of ``rules`` whose statistics must be fitted: the candidates' and the reported ones'."""
+        used = set(self.candidates(rules)) | set(self.reported(rules))
+        return tuple(r for r in rules if r in used)
 
     def check(self, rules: tuple[str, ...], has_validation: bool) -> None:
         """Raise ValueError if the configured rule is not one of the method's, or auto lacks validation data."""
@@ -106,35 +124,36 @@ def init_stats(cfg: InferenceConfig, rules: Iterable[str], task_count: int, clas
     return out
 
 
-def fit_task(cfg: InferenceConfig, stats: PyTree, t: int, y: np.ndarray, classes: int, *, x: np.ndarray | None = None,
-             own: np.ndarray | None = None, first: np.ndarray | None = None, key: jax.Array | None = None) -> PyTree:
-    """``stats`` with row ``t`` fitted from task t's training data only.
+@functools.partial(jax.jit, static_argnames=("cfg", "classes"))
+def fit_task(cfg: InferenceConfig, stats: PyTree, t, y: jax.Array, classes: int, *, valid: jax.Array | None = None,
+             x: jax.Array | None = None, own: jax.Array | None = None, first: jax.Array | None = None,
+             key: jax.Array | None = None) -> PyTree:
+    """``stats`` with row ``t`` fitted from task t's training data only, in one compiled call (the next task's
+    fit with the same shapes compiles nothing).
 
     Args:
       cfg: the Gaussian and prototype settings.
       stats: from ``init_stats`` (its keys say which rules to fit).
-      t: the task that just ended.
-      y: its task-local training labels.
+      t: the task that just ended (an int, or traced).
+      y: its task-local training labels ``(n,)``.
       classes: its number of classes.
+      valid: bool ``(n,)``, the rows that are data in padded buffers (None: all).
       x: its training pixels in [0, 1] ``(n, d)`` (``pixels``).
       own: features of its training inputs in its own frozen sub-network ``(n, h)``.
       first: the same in sub-network 0's.
-      key: PRNG key (k-means initialisations).
+      key: PRNG key (k-means initialisations; None: ``jax.random.key(t)``).
     """
     key = jax.random.key(t) if key is None else key
-    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+    valid = jnp.ones(y.shape, bool) if valid is None else valid
     source = {"gauss_input": x, "gauss_own": own, "gauss_first": first}
     out = dict(stats)
     for rule in GAUSS_RULES:
         if rule in stats:
-            fitted = gaussians.fit(source[rule], y, classes, seed=seed, **_gauss_kwargs(cfg))
+            fitted = gaussians.fit(source[rule], y, classes, valid=valid, key=key, **_gauss_kwargs(cfg))
             out[rule] = {k: v.at[t].set(fitted[k]) for k, v in stats[rule].items()}
     if "prototype" in stats:
-        z = routing.l2_normalize(jnp.asarray(x))
-        k = min(cfg.prototypes, len(z))
-        protos = routing.spherical_kmeans(key, z, k)
-        protos = jnp.concatenate([protos, jnp.repeat(protos[:1], cfg.prototypes - k, 0)])
-        out["prototype"] = stats["prototype"].at[t].set(protos)
+        z = routing.l2_normalize(x.reshape(x.shape[0], -1).astype(jnp.float32))
+        out["prototype"] = stats["prototype"].at[t].set(routing.spherical_kmeans(key, z, cfg.prototypes, valid=valid))
     return out
 
 
@@ -240,32 +259,59 @@ def best_seen(score: jax.Array, seen) -> jax.Array:
 
 
 def infer(rules: Iterable[str], logits: jax.Array, seen, **kwargs) -> dict[str, jax.Array]:
-    """``{rule: inferred task (B,)}`` for every rule, from one batch's outputs (``scores``' keyword arguments)."""
+    """``{rule: inferred task (B,)}`` for every rule, from one batch's outputs (``scores``' keyword arguments;
+    ``grad`` may be a function computing ``entropy_gradient``, called only if ``entropy_grad`` is asked for)."""
     out = {}
     for rule in rules:
         if rule == "top2_entropy":
             out[rule] = routing.entropy_top2_task(jax.nn.softmax(logits / kwargs.get("tau", 1.0), axis=-1), seen)
         else:
-            out[rule] = best_seen(scores(rule, logits, seen, **kwargs), seen)
+            kw = dict(kwargs)
+            if rule == "entropy_grad" and callable(kw.get("grad")):
+                kw["grad"] = kw["grad"]()
+            out[rule] = best_seen(scores(rule, logits, seen, **kw), seen)
     return out
 
 
+def infer_in_use(rules: tuple[str, ...], chosen, logits: jax.Array, seen, known: dict | None = None,
+                 **kwargs) -> jax.Array:
+    """The task (B,) inferred by ``rules[chosen]`` (``chosen`` traced): only that rule runs (``lax.switch``).
+
+    ``known`` holds tasks already inferred in this pass (``infer``'s output), reused instead of recomputed.
+    """
+    known = known or {}
+
+    def branch(rule):
+        if rule in known:
+            return lambda: known[rule].astype(jnp.int32)
+        return lambda: infer((rule,), logits, seen, **kwargs)[rule].astype(jnp.int32)
+
+    if len(rules) == 1:
+        return branch(rules[0])()
+    return jax.lax.switch(jnp.clip(chosen, 0, len(rules) - 1), [branch(r) for r in rules])
+
+
+def correct_counts(task: jax.Array, cls: jax.Array, y: jax.Array, valid: jax.Array, true_task
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``(cil, task_id)`` correct counts of one rule's inferred ``task`` (B,); ``cls`` every task's class (T, B)."""
+    right = valid & (task == true_task)
+    return jnp.sum(right & (cls[task, jnp.arange(y.shape[0])] == y)), jnp.sum(right)
+
+
 def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid: jax.Array, true_task,
-                chosen) -> dict[str, jax.Array]:
-    """Correct counts per rule: ``cil_<rule>`` (right task and class), ``task_id_<rule>``, and ``cil`` /
-    ``task_id`` of the rule in use (``chosen``, an index into ``tasks``' order).
+                chosen=None) -> dict[str, jax.Array]:
+    """Correct counts per rule: ``cil_<rule>`` (right task and class) and ``task_id_<rule>``; with ``chosen`` (an
+    index into ``tasks``' order) also ``cil`` / ``task_id`` of the rule in use.
 
     ``cls`` is every task's predicted class ``(T, B)``.
     """
-    batch = jnp.arange(y.shape[0])
     out = {}
     for rule, task in tasks.items():
-        right = valid & (task == true_task)
-        out[f"cil_{rule}"] = jnp.sum(right & (cls[task, batch] == y))
-        out[f"task_id_{rule}"] = jnp.sum(right)
-    names = tuple(tasks)
-    out["cil"] = jnp.stack([out[f"cil_{r}"] for r in names])[chosen]
-    out["task_id"] = jnp.stack([out[f"task_id_{r}"] for r in names])[chosen]
+        out[f"cil_{rule}"], out[f"task_id_{rule}"] = correct_counts(task, cls, y, valid, true_task)
+    if chosen is not None:
+        names = tuple(tasks)
+        out["cil"] = jnp.stack([out[f"cil_{r}"] for r in names])[chosen]
+        out["task_id"] = jnp.stack([out[f"task_id_{r}"] for r in names])[chosen]
     return out
 
 

@@ -10,10 +10,12 @@ state), so one compiled step serves a whole run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -54,10 +56,11 @@ def block(logits: jax.Array, task, size: int) -> jax.Array:
 
 
 class Batch(NamedTuple):
-    """One training batch: inputs (uint8 images or floats) and labels."""
+    """One training batch: inputs (uint8 images or floats), labels, and which rows are real (a padded last batch)."""
 
     x: jax.Array
     y: jax.Array
+    valid: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +75,13 @@ class Phase:
 
 
 class Inputs(NamedTuple):
-    """What a loss sees of one batch: standardised (augmented) inputs, labels, a frozen teacher's logits."""
+    """What a loss sees of one batch: standardised (augmented) inputs, labels, a frozen teacher's logits, and
+    the real rows of a padded batch (None: all; a loss of a ``drop_last=False`` phase weights by it)."""
 
     x: jax.Array
     y: jax.Array
     teacher: jax.Array | None = None
+    valid: jax.Array | None = None
 
 
 def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
@@ -90,7 +95,7 @@ def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
     def prepare(batch: Batch, key: jax.Array, ctx) -> Inputs:
         x = batching.augment(key, batch.x, mean, std, crop_flip, brightness=brightness)
         t = None if teacher is None else jax.lax.stop_gradient(teacher(ctx, x))
-        return Inputs(x, batch.y, t)
+        return Inputs(x, batch.y, t, batch.valid)
 
     return prepare
 
@@ -126,40 +131,163 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformationExtraArgs, prep
     return jax.jit(step, donate_argnums=(0,)) if jit else step
 
 
-def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *, desc: str = "",
-              log: Callable[[dict], None] | None = None, progress: bool = False):
-    """Train ``phase.epochs`` epochs of ``split`` with ``step`` (``make_step``); returns the final carry.
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """A training split resident on the device: rows padded with zeros to a fixed ``capacity`` (one shape for
+    every task of a run), and how many are real."""
 
-    Calls ``log`` once per epoch with the mean loss, accuracy and learning rate
-    (batch means, each batch weighted alike). On a data-parallel step
-    (``parallel.DataParallel``) batches are whole multiples of its devices; with
-    ``phase.drop_last=False`` a last partial batch that does not split runs replicated.
+    x: jax.Array
+    y: jax.Array
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def place_split(split, capacity: int | None = None, mesh=None) -> DeviceSplit:
+    """``split`` on the device once, zero-padded to ``capacity`` rows (default: its own size).
+
+    With a ``mesh`` (a data-parallel step) the rows are replicated on every device; each device gathers its
+    share of every batch inside the compiled step.
     """
     n = len(split.y)
+    capacity = n if capacity is None else capacity
+    if capacity < n:
+        raise ValueError(f"capacity {capacity} is smaller than the split ({n} rows)")
+    x, y = np.asarray(split.x), np.asarray(split.y)
+    if capacity > n:
+        x = np.concatenate([x, np.zeros((capacity - n, *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros((capacity - n,), y.dtype)])
+    put = jax.device_put if mesh is None else functools.partial(parallel.replicate, mesh)
+    return DeviceSplit(put(x), put(y), n)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "length"))
+def epoch_order(key: jax.Array, n: jax.Array, capacity: int, length: int) -> jax.Array:
+    """One epoch's row order: a random permutation of the first ``n`` of ``capacity`` rows, padded to ``length``.
+
+    With ``n == capacity`` it is ``jax.random.permutation(key, n)``; the shape never depends on ``n``.
+    """
+    perm = jax.random.permutation(key, capacity)
+    perm = perm[jnp.argsort(perm >= n, stable=True)]  # real rows first, in permuted order
+    return jnp.concatenate([perm, jnp.zeros((length - capacity,), perm.dtype)]) if length > capacity else perm
+
+
+LOOPS = ("auto", "epoch", "step")
+
+
+def loop_for(loop: str) -> str:
+    """The dispatch granularity of ``run_phase``: ``"epoch"`` (one compiled call per epoch) or ``"step"``.
+
+    ``"auto"`` is ``"step"`` on XLA:CPU, where a convolutional step inside a compiled loop ran 13-19x slower
+    than on its own (ResNet-32, ``benchmarks/accelerator.py``), and ``"epoch"`` on accelerators.
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"unknown training loop {loop!r}; expected one of {', '.join(LOOPS)}")
+    if loop == "auto":
+        return "step" if jax.default_backend() == "cpu" else "epoch"
+    return loop
+
+
+@functools.lru_cache(maxsize=None)
+def _epoch_step(step: Callable, batch_size: int, masked: bool, loop: str) -> Callable:
+    """The compiled training call of ``run_phase``; both kinds gather batches on the device (no host work).
+
+    ``loop="epoch"``: ``epoch(carry, sums, order, key, x, y, n, count, ctx) -> (carry, sums)``, ``count`` steps
+    in one ``fori_loop`` with a traced trip count (no recompile when a task's size changes). ``loop="step"``:
+    ``one(carry, sums, i, order, key, x, y, n, ctx) -> (carry, sums, i + 1)``, step ``i`` alone, its counter
+    and metric sums kept on the device. Step ``i`` gathers rows ``order[i * batch_size:][:batch_size]`` of the
+    device split ``x, y``, folds ``i`` into ``key`` and adds its metrics to ``sums``; ``masked`` passes the padded
+    last batch's ``valid`` rows (``i * batch_size + j < n``) to the step.
+    """
+    mesh = step.mesh if isinstance(step, parallel.DataParallel) else None
+    fn = step.fn if mesh is not None else step
+
+    def one(carry, sums, i, order, key, x, y, n, ctx):
+        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+        batch = Batch(jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0),
+                      (i * batch_size + jnp.arange(batch_size) < n) if masked else None)
+        if mesh is not None:
+            batch = parallel.constrain_batch(mesh, batch)
+        carry, m = fn(carry, batch, jax.random.fold_in(key, i), ctx)
+        return carry, jax.tree.map(jnp.add, sums, m), i + 1
+
+    def epoch(carry, sums, order, key, x, y, n, count, ctx):
+        body = lambda i, state: one(*state, i, order, key, x, y, n, ctx)[:2]  # noqa: E731
+        return jax.lax.fori_loop(0, count, body, (carry, sums))
+
+    fun, donate = (epoch, (0, 1)) if loop == "epoch" else (one, (0, 1, 2))
+    if mesh is None:
+        return jax.jit(fun, donate_argnums=donate)
+    return parallel.data_parallel(fun, mesh, batch_argnums=(), donate_argnums=donate)
+
+
+def _metric_zeros(step: Callable, carry, data: "DeviceSplit", batch_size: int, masked: bool, ctx) -> dict:
+    """Zeros shaped like ``step``'s metrics (abstract evaluation: the jitted step's trace is cached)."""
+    fn = step.fn if isinstance(step, parallel.DataParallel) else step
+    batch = Batch(jax.ShapeDtypeStruct((batch_size, *data.x.shape[1:]), data.x.dtype),
+                  jax.ShapeDtypeStruct((batch_size,), data.y.dtype),
+                  jax.ShapeDtypeStruct((batch_size,), jnp.bool_) if masked else None)
+    shapes = jax.eval_shape(fn, carry, batch, jax.random.key(0), ctx)[1]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *, desc: str = "",
+              log: Callable[[dict], None] | None = None, progress: bool = False, loop: str = "auto"):
+    """Train ``phase.epochs`` epochs of ``split`` with ``step`` (``make_step``); returns the final carry.
+
+    ``split`` is a ``DeviceSplit`` (``place_split``: on the device, a fixed capacity) or a host ``Split``
+    (placed here once). Each epoch is one compiled call, or each step is (``loop``, see ``loop_for``); steps
+    gather their batches on the device (``_epoch_step``); batches have one fixed size, a multiple of a data-parallel step's devices. With
+    ``phase.drop_last=False`` the last partial batch is padded and its ``valid`` rows reach the loss
+    (``Inputs.valid``), so every example is used and no shape changes between tasks. Calls ``log`` once per
+    epoch with the mean loss, accuracy and learning rate (batch means, each batch weighted alike): one fetch
+    per epoch, made once the next epoch is queued (the device never waits for the host).
+    """
+    mesh = step.mesh if isinstance(step, parallel.DataParallel) else None
+    data = split if isinstance(split, DeviceSplit) else place_split(split, mesh=mesh)
+    n, capacity = data.n, int(data.x.shape[0])
     if n == 0:
         raise ValueError(f"{desc or 'a phase'}: no training examples")
-    batch_size = min(phase.batch_size, n)
     devices = parallel.devices_of(step)
+    batch_size = min(phase.batch_size, n if phase.drop_last else capacity)
     batch_size -= batch_size % devices
     if batch_size == 0:
         raise ValueError(f"{desc or 'a phase'}: {n} training examples, fewer than the {devices} devices")
+    count = n // batch_size if phase.drop_last else -(-n // batch_size)
+    masked = not phase.drop_last
+    length = max(capacity, -(-capacity // batch_size) * batch_size)
+    loop = loop_for(loop)
+    call = _epoch_step(step, batch_size, masked, loop)
+    n_dev, count_dev = jnp.int32(n), jnp.int32(count)
     bar = tqdm(range(phase.epochs), desc=desc, leave=False, disable=not progress)
+    pending = None  # the previous epoch's (epoch, lr, device sums), fetched once the next epoch is dispatched
+
+    def report(epoch, lr, sums):
+        means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('acc', float('nan')):.3f}")
+        if log is not None:
+            log({"epoch": epoch, "lr": lr, **means})
+
     for epoch in bar:
         lr = step_lr(phase.lr, epoch, phase.epochs, phase.milestone)
         params, bs, opt_state = carry
         carry = (params, bs, set_learning_rate(opt_state, lr))
         ekey, key = jax.random.split(key)
         bkey, akey = jax.random.split(ekey)
-        sums, count = None, 0
-        for i, (x, y) in enumerate(batching.epoch_batches(split.x, split.y, batch_size, bkey,
-                                                          drop_remainder=phase.drop_last)):
-            carry, m = step(carry, Batch(x, y), jax.random.fold_in(akey, i), ctx)
-            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-            count += 1
-        means = {k: float(v) / count for k, v in sums.items()}
-        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('acc', float('nan')):.3f}")
-        if log is not None:
-            log({"epoch": epoch, "lr": lr, **means})
+        order = epoch_order(bkey, n_dev, capacity, length)
+        sums = _metric_zeros(step, carry, data, batch_size, masked, ctx)
+        if loop == "epoch":
+            carry, sums = call(carry, sums, order, akey, data.x, data.y, n_dev, count_dev, ctx)
+        else:
+            i = jnp.int32(0)
+            for _ in range(count):
+                carry, sums, i = call(carry, sums, i, order, akey, data.x, data.y, n_dev, ctx)
+        if pending is not None:
+            report(*pending)
+        pending = (epoch, lr, sums)
+    if pending is not None:
+        report(*pending)
     return carry
 
 

@@ -132,20 +132,21 @@ def test_brightness_jitter_scales_each_image_within_range_and_clips(digits):
     assert not np.array_equal(plain, augment(jax.random.key(1), digits.train_x[:8], mean, std, True, brightness=0.25))
 
 
-@pytest.mark.parametrize("drop_last, sizes", [(True, [32, 32, 32]), (False, [32, 32, 32, 4])])
-def test_run_phase_keeps_the_last_partial_batch_unless_asked(drop_last, sizes):
+@pytest.mark.parametrize("drop_last, batches, rows", [(True, 3, 96), (False, 4, 100)])
+def test_run_phase_keeps_the_last_partial_batch_unless_asked(drop_last, batches, rows):
+    """Every batch has the one compiled shape; drop_last=False pads the last one and marks its real rows."""
     from modkd_jax import training
     from modkd_jax.data.scenarios import Split
 
     split = Split(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32), np.zeros(100, np.int32))
     params = {"w": jnp.zeros(3)}
     tx = training.make_optimizer("adam", 0.1)
-    seen = []
+    logged = []
 
     def step(carry, batch, key, ctx):
-        seen.append(len(batch.y))
-        return carry, {"loss": jnp.float32(0), "acc": jnp.float32(0)}
+        real = jnp.float32(batch.y.shape[0]) if batch.valid is None else jnp.sum(batch.valid).astype(jnp.float32)
+        return carry, {"loss": real, "acc": jnp.float32(batch.x.shape[0])}
 
     training.run_phase(step, (params, {}, tx.init(params)), split, None,
-                       training.Phase(1, 32, 0.1, drop_last=drop_last), jax.random.key(0))
-    assert seen == sizes
+                       training.Phase(1, 32, 0.1, drop_last=drop_last), jax.random.key(0), log=logged.append)
+    assert (batches * logged[0]["loss"], logged[0]["acc"]) == (rows, 32)  # batch means of real rows, shape 32

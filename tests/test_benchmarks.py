@@ -58,3 +58,20 @@ def test_task_inference_table_has_every_rule_and_the_rule_in_use(tmp_path):
     for rule in task_inference.SUBNET_RULES:
         assert sum(line.startswith(f"| {rule} |") for line in rows) == 1, rule
     assert any(line.startswith("| **auto** (chose ") for line in rows)
+
+
+def test_accelerator_script_keeps_going_after_a_failed_part(tmp_path, monkeypatch, capsys):
+    """The lent-device script: command line and banner on top, a failing part reported, the next part still run
+    (real parts compile ResNet-32 for minutes; ``python -m benchmarks.accelerator --quick`` runs them)."""
+    from benchmarks import accelerator
+
+    def broken(sizes):
+        raise RuntimeError("out of device memory\nmore detail")
+
+    monkeypatch.setattr(accelerator, "PARTS", (("broken", broken), ("fine", lambda sizes: ["fine table"])))
+    out = tmp_path / "acc.txt"
+    assert accelerator.main(["--quick", "--out", str(out)]) == 1
+    text = out.read_text()
+    assert text.startswith(f"$ python -m benchmarks.accelerator --quick --out {out}\njax ")
+    assert "1. broken FAILED: RuntimeError: out of device memory\n" in text and "more detail" not in text
+    assert "fine table" in text and "1 part(s) failed" in text

@@ -104,3 +104,95 @@ def test_gate_and_reinit():
     np.testing.assert_array_equal(masks.reinit_assigned(params, owner, kinds, 1, "zero")["k"]["kernel"], [1, 0, 3])
     assert masks.reinit_assigned(params, owner, kinds, 1, "keep") is params
     assert masks.free_fraction(owner, kinds) == {"k/kernel": pytest.approx(1 / 3)}
+
+
+def _topk_select(owner, scores, count, task):
+    """The selection before one program served every task (``lax.top_k`` with a per-task ``count``): the reference."""
+    if count == 0:
+        return owner
+    flat_owner = owner.reshape(-1)
+    flat_scores = jnp.where(flat_owner == masks.FREE, scores.reshape(-1).astype(jnp.float32), -jnp.inf)
+    _, idx = jax.lax.top_k(flat_scores, count)
+    return flat_owner.at[idx].set(jnp.asarray(task, masks.OWNER_DTYPE)).reshape(owner.shape)
+
+
+def _topk_assign(owner, kinds, task, task_count, policy, key=None, weights=None):
+    """The per-leaf eager ``assign`` before the jitted one, on ``_topk_select``: the reference."""
+    leaves, treedef = jax.tree.flatten(owner)
+    kind_leaves = treedef.flatten_up_to(kinds)
+    weight_leaves = treedef.flatten_up_to(weights) if weights is not None else [None] * len(leaves)
+    keys = jax.random.split(key, len(leaves)) if key is not None else [None] * len(leaves)
+    out = []
+    for o, kind, w, k in zip(leaves, kind_leaves, weight_leaves, keys):
+        if kind != masks.GATED:
+            out.append(o)
+            continue
+        count = int(jnp.sum(o == masks.FREE)) // (task_count - task)
+        scores = jax.random.uniform(k, o.shape) if policy == "random" else jnp.abs(w)
+        out.append(_topk_select(o, scores, count, task))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _tied_tree(seed):
+    """Gated layers of several shapes (and an owned classifier) whose |w| ties a lot: halves, and many zeros."""
+    rng = np.random.default_rng(seed)
+    shapes = {"conv": (3, 3, 4, 8), "dense": (13, 11), "vec": (5,), "zeros": (40,)}
+    weights = {k: {"kernel": jnp.asarray(np.round(rng.normal(size=s) * 2) / 2 * (rng.random(s) < 0.6), jnp.float32)}
+               for k, s in shapes.items()}
+    weights["zeros"]["kernel"] = jnp.zeros((40,))
+    weights["head"] = {"kernel": jnp.ones((11, 6))}
+    kinds = {k: {"kernel": masks.GATED} for k in shapes} | {"head": {"kernel": masks.CLASSIFIER}}
+    return weights, kinds
+
+
+@pytest.mark.parametrize("policy", ["random", "magnitude"])
+@pytest.mark.parametrize("task_count", [2, 5])
+def test_selection_is_bit_identical_to_per_count_top_k(policy, task_count):
+    weights, kinds = _tied_tree(task_count)
+    assert int(jnp.sum(weights["dense"]["kernel"] == 0)) > 40  # ties among the free weights
+    owner = ref = masks.init_owners(weights, kinds, (2, 2, 2) if task_count == 2 else (2, 1, 1, 1, 1))
+    for t in range(task_count):
+        key = jax.random.fold_in(jax.random.key(7), t)
+        w = jax.tree.map(lambda x: x * (t + 1), weights) if policy == "magnitude" else None  # ranks by |w|, ties stay
+        owner = masks.assign(owner, kinds, t, task_count, policy=policy, key=key, weights=w)
+        ref = _topk_assign(ref, kinds, t, task_count, policy, key=key, weights=w)
+        for got, want in zip(jax.tree.leaves(owner), jax.tree.leaves(ref)):
+            assert got.dtype == want.dtype == masks.OWNER_DTYPE
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert masks.capacity_left(owner, kinds) == 0.0
+
+
+def test_later_tasks_compile_nothing():
+    """Task 0 compiles the selection (and learn_task's other owner-map helpers); tasks 1..4 reuse every program."""
+    weights, kinds = _tied_tree(0)
+    owner = masks.init_owners(weights, kinds, (2, 1, 1, 1, 1))
+    compiles = []
+
+    def listen(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    def task(owner, t):
+        key = jax.random.fold_in(jax.random.key(1), t)
+        owner = masks.assign(owner, kinds, t, 5, key=key)
+        owner = masks.assign(masks.release(owner, kinds, t), kinds, t, 5, policy="magnitude", weights=weights)
+        params = masks.reinit_assigned(weights, owner, kinds, t, "zero")
+        jax.block_until_ready(params)
+        masks.capacity_left(owner, kinds), masks.free_fraction(owner, kinds)
+        return owner
+
+    owner = task(owner, 0)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for t in range(1, 5):
+            owner = task(owner, t)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"{len(compiles)} compilation(s) after task 0"
+    assert masks.capacity_left(owner, kinds) == 0.0
+
+
+def test_task_outside_the_task_count_is_refused():
+    owner = {"k": jnp.full((3,), -1, jnp.int16)}
+    with pytest.raises(ValueError, match="outside 0..1"):
+        masks.assign(owner, {"k": masks.GATED}, 2, 2, key=jax.random.key(0))

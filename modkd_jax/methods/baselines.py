@@ -112,6 +112,7 @@ class Baseline:
     fisher_fn: Callable | None  # EWC
     block_counts: Callable | None  # PackNet: one sub-network on its own block (validation)
     features: Callable | None  # PackNet: a sub-network's features (task-inference statistics)
+    choice_counts: Callable | None = None  # PackNet with auto: every candidate rule on validation
 
     @property
     def task_count(self) -> int:
@@ -239,14 +240,19 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
     T = scenario.task_count
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
-    features = None
+    features = choice_counts = None
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
         model = _build(cfg, k * T, T)
         apply_fn = model.apply
         cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
         step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
         kinds = models.leaf_kinds(models.init(model, jax.random.key(0), scenario.input_shape)[0])
-        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds)
+        ti, rules = cfg.inference, task_inference.SUBNET_RULES
+        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds, rules=ti.reported(rules),
+                                               in_use=ti.candidates(rules))
+        if ti.task_inference == "auto":
+            choice_counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds,
+                                                          rules=ti.candidates(rules), in_use=())
         features = evaluation.make_subnet_features(apply_fn, mean, std)
         fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
@@ -265,11 +271,13 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
                                         else (1, 2, 3), donate_argnums=())
         if features is not None:
             features = parallel.data_parallel(features, mesh, batch_argnums=(3,), donate_argnums=())
+        if choice_counts is not None:
+            choice_counts = parallel.data_parallel(choice_counts, mesh, batch_argnums=(4, 5, 6), donate_argnums=())
         if block_counts is not None:
             block_counts = parallel.data_parallel(block_counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
     params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
     return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, counts, fisher_fn,
-                    block_counts, features)
+                    block_counts, features, choice_counts)
 
 
 def init_state(b: Baseline, key: jax.Array) -> PyTree:
@@ -278,9 +286,11 @@ def init_state(b: Baseline, key: jax.Array) -> PyTree:
     state = {"params": params, "batch_stats": batch_stats}
     if b.cfg.method == "packnet":
         state["owner"] = masks.init_owners(params, b.kinds, (b.block_size,) * b.task_count)
-        state["inference"] = task_inference.init_stats(b.cfg.inference, task_inference.SUBNET_RULES, b.task_count,
+        ti = b.cfg.inference
+        state["inference"] = task_inference.init_stats(ti, ti.candidates(task_inference.SUBNET_RULES), b.task_count,
                                                        b.block_size, int(np.prod(b.scenario.input_shape)),
-                                                       models.feature_dim(b.model, b.scenario.input_shape))
+                                                       models.feature_dim(b.model, b.scenario.input_shape),
+                                                       fitted=ti.fitted(task_inference.SUBNET_RULES))
     if b.cfg.method == "ewc":
         state["fisher"] = jax.tree.map(jnp.zeros_like, params)
     return state
@@ -334,8 +344,9 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
                                   Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
     inference, choice = evaluation.update_subnet_inference(
-        cfg.inference, state["inference"], b.scenario, t, b.features, b.counts, (params, batch_stats, owner),
-        cfg.eval_batch_size, k_stats, extra=(jnp.float32(cfg.temperature),))
+        cfg.inference, state["inference"], b.scenario, t, task.train, [b.scenario.tasks[j].val for j in range(t + 1)],
+        b.features, b.choice_counts, (params, batch_stats, owner), cfg.eval_batch_size, k_stats,
+        extra=(jnp.float32(cfg.temperature),))
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "inference": inference}
     info = {"task_inference": choice, "val_til_acc": evaluation.block_accuracy(
                 b.block_counts, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,

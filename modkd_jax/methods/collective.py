@@ -161,8 +161,8 @@ def model_of(state: PyTree) -> PyTree:
 
 def table_of(table: Callable, model: PyTree, x: np.ndarray, seen: int, batch_size: int) -> np.ndarray:
     """``table`` of ``model`` on every image of ``x`` (``evaluation.features_of``'s padded batches): ``(n, C)``."""
-    return evaluation.features_of(table, (model["params"], model["batch_stats"], model["owner"], model["inference"]),
-                                  x, seen, batch_size)
+    return np.asarray(evaluation.features_of(table, (model["params"], model["batch_stats"], model["owner"],
+                                                     model["inference"]), x, seen, batch_size))
 
 
 def top_k_message(table: jax.Array, k: int) -> dict[str, jax.Array]:

@@ -20,6 +20,7 @@ State is an explicit pytree ``{"params", "batch_stats", "owner", "tau"}``;
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -29,12 +30,13 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, masks, models, parallel, task_inference, training
+from modkd_jax import evaluation, losses, masks, models, parallel, routing, task_inference, training
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods import from_preset
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
+NO_TASK = masks.FREE - 1  # a task id that owns no weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class MindConfig:
     teacher_bn: str = "running"  # teacher's batch norm while distilling: "running" statistics, or "batch" (train mode)
     bn_init: str = "fresh"  # task t's batch-norm row starts "fresh" (1 / 0) or as a "copy" of row t-1 (reference)
     eval_batch_size: int = 512
+    eval_strategy: str = "map"  # every sub-network in evaluation: one after another ("map") or batched ("vmap")
     inference: task_inference.InferenceConfig = task_inference.InferenceConfig()  # class-incremental task inference
 
     def __post_init__(self):
@@ -83,6 +86,9 @@ class MindConfig:
         if self.teacher_bn not in ("running", "batch") or self.bn_init not in ("fresh", "copy"):
             raise ValueError(f"teacher_bn must be 'running' or 'batch' and bn_init 'fresh' or 'copy', "
                              f"got {self.teacher_bn!r}, {self.bn_init!r}")
+        if self.eval_strategy not in routing.STRATEGIES:
+            raise ValueError(f"unknown eval_strategy {self.eval_strategy!r}; expected one of "
+                             f"{', '.join(routing.STRATEGIES)}")
         if min(self.epochs, self.distill_epochs, self.batch_size) < 1:
             raise ValueError("epochs, distill_epochs and batch_size must be at least 1")
 
@@ -135,12 +141,14 @@ def make_loss(apply_fn: Callable, block_size: int, kind: str = "ce", beta: float
     """CE on the task's class block, plus ``beta * losses.distillation(kind, ..., temperature)`` unless ``kind='ce'``."""
 
     def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: Context):
+        valid = inputs.valid  # a padded batch: only its real rows count, in the loss and the batch statistics
+        kwargs = {} if valid is None else {"weights": valid}
         logits, new = apply_fn({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats},
-                               inputs.x, ctx.task, train=True, mutable=["batch_stats"])
+                               inputs.x, ctx.task, train=True, mutable=["batch_stats"], **kwargs)
         z = training.block(logits, ctx.task, block_size)
-        ce = losses.cross_entropy(z, inputs.y)
-        extra = jnp.zeros(()) if kind == "ce" else losses.distillation(kind, z, inputs.teacher, temperature)
-        acc = jnp.mean(jnp.argmax(z, -1) == inputs.y)
+        ce = losses.cross_entropy(z, inputs.y, valid)
+        extra = jnp.zeros(()) if kind == "ce" else losses.distillation(kind, z, inputs.teacher, temperature, valid)
+        acc = losses.batch_mean(jnp.argmax(z, -1) == inputs.y, valid)
         return ce + beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
 
     return loss_fn
@@ -163,6 +171,10 @@ class Mind:
     tau_counts: Callable
     teacher_counts: Callable
     student_counts: Callable
+    choice_counts: Callable | None  # every candidate rule, to choose the rule in use on validation (auto)
+    val: evaluation.Placed  # every task's validation split, on the device once
+    capacity: int  # rows of every task's device-resident training split (the largest task's)
+    mesh: Mesh | None = None
 
     @property
     def task_count(self) -> int:
@@ -212,19 +224,30 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
         "self_distill": training.make_step(distill, txs["distill"],
                                            training.augmenting(**aug, teacher=self_teacher_logits)),
     }
-    cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
-    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds),
+    ti = cfg.inference
+    ti.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
+    candidates = ti.candidates(task_inference.SUBNET_RULES)
+    strategy = cfg.eval_strategy
+    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds,
+                                            rules=ti.reported(task_inference.SUBNET_RULES), in_use=candidates,
+                                            strategy=strategy),
               evaluation.make_subnet_features(student.apply, mean, std),
-              evaluation.make_tau_counts(student.apply, T, k, mean, std),
+              evaluation.make_tau_counts(student.apply, T, k, mean, std, strategy),
               evaluation.make_block_counts(teacher.apply, k, mean, std),
-              evaluation.make_block_counts(student.apply, k, mean, std))
+              evaluation.make_block_counts(student.apply, k, mean, std),
+              evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds, rules=candidates, in_use=(),
+                                            strategy=strategy) if ti.task_inference == "auto" else None)
     if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
         steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
         counts = (parallel.data_parallel(counts[0], mesh, batch_argnums=(4, 5, 6), donate_argnums=()),
                   parallel.data_parallel(counts[1], mesh, batch_argnums=(3,), donate_argnums=()),
                   parallel.data_parallel(counts[2], mesh, batch_argnums=(3, 4, 5), donate_argnums=()),
-                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[3:]))
-    return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, *counts)
+                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[3:5]),
+                  None if counts[5] is None else parallel.data_parallel(counts[5], mesh, batch_argnums=(4, 5, 6),
+                                                                        donate_argnums=()))
+    val = evaluation.place([task.val for task in scenario.tasks], cfg.eval_batch_size, mesh)
+    capacity = max(len(task.train.y) for task in scenario.tasks)
+    return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, *counts, val=val, capacity=capacity, mesh=mesh)
 
 
 def init_state(mind: Mind, key: jax.Array) -> PyTree:
@@ -232,9 +255,11 @@ def init_state(mind: Mind, key: jax.Array) -> PyTree:
     params, batch_stats = models.init(mind.student, key, mind.scenario.input_shape)
     owner = masks.init_owners(params, mind.kinds, (mind.block_size,) * mind.task_count)
     tau = 1.0 if mind.cfg.temperature is None else mind.cfg.temperature  # replaced once chosen on validation
-    inference = task_inference.init_stats(mind.cfg.inference, task_inference.SUBNET_RULES, mind.task_count,
+    ti = mind.cfg.inference
+    inference = task_inference.init_stats(ti, ti.candidates(task_inference.SUBNET_RULES), mind.task_count,
                                            mind.block_size, int(np.prod(mind.scenario.input_shape)),
-                                           models.feature_dim(mind.student, mind.scenario.input_shape))
+                                           models.feature_dim(mind.student, mind.scenario.input_shape),
+                                           fitted=ti.fitted(task_inference.SUBNET_RULES))
     return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau),
             "inference": inference}
 
@@ -269,26 +294,29 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         params, batch_stats = copy_bn_row(params, mind.kinds, batch_stats, t)
     info: dict[str, Any] = {"task": t}
     start = time.perf_counter()
+    train = training.place_split(task.train, mind.capacity, mind.mesh)  # on the device once, one shape every task
+    val = mind.val.take([t])
     t_arr = jnp.int32(t)
     if not cfg.self_distillation:
         t_params, t_bs = models.init(mind.teacher, k_teacher, mind.scenario.input_shape)
         full = masks.full_mask(t_params)
-        carry = _phase(mind, "teacher", t, t_params, t_bs, task.train, Context(jnp.int32(0), full, full), k_phase1,
+        carry = _phase(mind, "teacher", t, t_params, t_bs, train, Context(jnp.int32(0), full, full), k_phase1,
                        log, progress)
         teacher_vars = {"params": carry[0], "batch_stats": carry[1]}
-        info["teacher_val_acc"] = evaluation.block_accuracy(mind.teacher_counts, teacher_vars, task.val, 0,
+        info["teacher_val_acc"] = evaluation.block_accuracy(mind.teacher_counts, teacher_vars, val, 0,
                                                             cfg.eval_batch_size)
         # Magnitude ranks the *trained* teacher's kernels (same shapes as the student's gated layers).
         owner = masks.assign(owner, mind.kinds, t, mind.task_count, policy=cfg.policy, key=k_sel,
                              weights=teacher_vars["params"] if cfg.policy == "magnitude" else None)
-        if t > 0:  # task 0 keeps its random init: an all-zero sub-network has no gradient to grow from
-            params = masks.reinit_assigned(params, owner, mind.kinds, t, cfg.init_new)
+        # task 0 keeps its random init (an all-zero sub-network has no gradient to grow from): it resets the
+        # weights of no task, so every task runs the same ops and task 1 compiles nothing new
+        params = masks.reinit_assigned(params, owner, mind.kinds, t if t > 0 else NO_TASK, cfg.init_new)
         distill_step = "distill"
     else:
         # Train the dense student (tasks < t frozen, all free weights trainable) on the task ...
         owned_or_free = jax.tree.map(lambda o: (o <= t), owner)  # FREE (-1) <= t too
         trainable = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
-        params, batch_stats, _ = _phase(mind, "self_train", t, params, batch_stats, task.train,
+        params, batch_stats, _ = _phase(mind, "self_train", t, params, batch_stats, train,
                                         Context(t_arr, owned_or_free, trainable), k_phase1, log, progress)
         # a snapshot: the distillation step donates (and so invalidates) the student's own buffers
         teacher_vars = {"params": masks.gate(params, owned_or_free), "batch_stats": jax.tree.map(jnp.copy, batch_stats)}
@@ -296,23 +324,23 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         owner = masks.assign(owner, mind.kinds, t, mind.task_count, policy="magnitude", weights=params)
         distill_step = "self_distill"
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
-    params, batch_stats, _ = _phase(mind, distill_step, t, params, batch_stats, task.train,
+    params, batch_stats, _ = _phase(mind, distill_step, t, params, batch_stats, train,
                                     Context(t_arr, fwd, trn, teacher_vars), k_phase2, log, progress)
     tau = state["tau"]
     if cfg.temperature is None:  # choose tau on the seen tasks' validation splits (never the test split)
         chosen, val_cil = evaluation.choose_tau(mind.tau_counts, (params, batch_stats, owner),
-                                                [mind.scenario.tasks[j].val for j in range(t + 1)], t + 1,
-                                                cfg.eval_batch_size, cfg.tau_grid)
+                                                mind.val.take(range(t + 1)), t + 1, cfg.eval_batch_size,
+                                                cfg.tau_grid)
         tau = jnp.float32(chosen)
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
     # the task's inference statistics (its training data only), then the rule in use on the seen tasks' validation
     inference, info["task_inference"] = evaluation.update_subnet_inference(
-        cfg.inference, state["inference"], mind.scenario, t, mind.features, mind.subnet_counts,
-        (params, batch_stats, owner), cfg.eval_batch_size, k_stats, extra=(tau,))
+        cfg.inference, state["inference"], mind.scenario, t, train, mind.val.take(range(t + 1)), mind.features,
+        mind.choice_counts, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, extra=(tau,))
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau, "inference": inference}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
-    info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, task.val, t,
+    info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, val, t,
                                                             cfg.eval_batch_size)
     info["capacity_left"] = masks.capacity_left(owner, mind.kinds)
     info["seconds"] = time.perf_counter() - start
@@ -340,13 +368,13 @@ def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Le
     """MIND (or its self-distillation variant) as a ``Learner``; data-parallel over ``mesh`` if given."""
     m = setup(cfg, scenario, mesh=mesh)
     teacher = models.param_count(models.init(m.teacher, jax.random.key(0), scenario.input_shape)[0])
-    tests = [task.test for task in scenario.tasks]
+    tests = functools.cache(lambda: evaluation.place([task.test for task in scenario.tasks], cfg.eval_batch_size, mesh))
     return Learner(
         name="mind_self_distillation" if cfg.self_distillation else "mind",
         rules=("til", "cil", "task_id"),  # headline; evaluate also gives cil_<rule> / task_id_<rule> of every rule
         init_state=lambda key: init_state(m, key),
         learn_task=lambda state, t, key, **kw: learn_task(m, state, t, key, **kw),
-        evaluate=lambda state, seen: evaluate(m, state, tests, seen),
+        evaluate=lambda state, seen: evaluate(m, state, tests(), seen),
         param_counts=lambda state: {"student": models.param_count(state["params"]), "teacher": teacher},
         report=lambda state, infos: {"inference_temperature": [i["tau"] for i in infos],
                                      **evaluation.inference_report(state["inference"], task_inference.SUBNET_RULES,

@@ -78,7 +78,7 @@ def place(splits, batch_size: int, mesh=None) -> Placed:
     return Placed(put(x), put(y), starts, sizes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def _looped(counts: Callable, batch_size: int) -> Callable:
     """``run(args, x, y, start, size, true_task, seen, extra) -> summed counts`` over one placed split, jitted.
 
@@ -262,7 +262,7 @@ def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
     return features
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def _mapped(features: Callable, batch_size: int) -> Callable:
     """``run(args, x, task)``: ``features`` over ``x`` in batches (``lax.map``) inside one compiled call."""
     fn = features.fn if isinstance(features, parallel.DataParallel) else features

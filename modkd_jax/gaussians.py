@@ -180,7 +180,7 @@ def _top_eigen(p: jax.Array, owner: jax.Array, groups: int, rank: int, trace: ja
     count, size, d = p.shape
     width = rank + OVERSAMPLE
     if 2 * width > d:
-        vals, vecs = jnp.linalg.eigh(_scatter_times(p, owner, groups))
+        vals, vecs = _eigh(_scatter_times(p, owner, groups))
     else:
         scatter = _scatter_times(p, owner, groups) if _explicit(count * size, d, groups, width) else None
         shift = jnp.where(trace > 0, SHIFT * trace, 1.0)[:, None, None]
@@ -194,11 +194,21 @@ def _top_eigen(p: jax.Array, owner: jax.Array, groups: int, rank: int, trace: ja
         q = step(_cholesky_qr(jax.random.normal(key, (groups, d, width), p.dtype)))
         q = _cholesky_qr(jax.lax.fori_loop(0, POWER_ITERS, lambda _, q: step(q), q))  # orthonormal
         small = _mm(jnp.swapaxes(q, 1, 2), product(q))
-        vals, w = jnp.linalg.eigh(0.5 * (small + jnp.swapaxes(small, 1, 2)))
+        vals, w = _eigh(0.5 * (small + jnp.swapaxes(small, 1, 2)))
         vecs = _mm(q, w)
     vecs = vecs[:, :, ::-1][:, :, :rank]
     peak = jnp.take_along_axis(vecs, jnp.argmax(jnp.abs(vecs), axis=1, keepdims=True), axis=1)
     return jnp.maximum(vals[:, ::-1][:, :rank], 0.0), vecs * jnp.where(peak < 0, -1.0, 1.0)  # a sign per vector
+
+
+def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh`` of a batch of symmetric matrices; one matrix per call on CPU.
+
+    jaxlib's CPU kernel splits a large batch over XLA's intra-op pool and blocks a pool thread until the
+    pieces finish; two such fits in one program wedged the pool (seen here on 2 cores: every worker idle,
+    two parked in ``ParallelBatchMap``). One matrix per call runs inline. Other backends keep the batch.
+    """
+    return jax.lax.platform_dependent(m, cpu=lambda m: jax.lax.map(jnp.linalg.eigh, m), default=jnp.linalg.eigh)
 
 
 def _factors(vals: jax.Array, vecs: jax.Array, trace: jax.Array, denom: jax.Array, rows: jax.Array,

@@ -189,7 +189,7 @@ def loop_for(loop: str) -> str:
     return loop
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def _epoch_step(step: Callable, batch_size: int, masked: bool, loop: str) -> Callable:
     """The compiled training call of ``run_phase``; both kinds gather batches on the device (no host work).
 

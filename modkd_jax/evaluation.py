@@ -54,6 +54,7 @@ class Placed:
     y: jax.Array
     starts: tuple[int, ...]
     sizes: tuple[int, ...]
+    batch_size: int  # the evaluation batch over these splits: at most the largest split (no padding to 512 rows)
 
     def take(self, indices: Iterable[int]) -> "Placed":
         """The splits ``indices`` of these (same device buffers)."""
@@ -68,14 +69,18 @@ def place(splits, batch_size: int, mesh=None) -> Placed:
     """``splits`` (``Split``s) on the device once, end to end, padded so that any split's last batch is in bounds.
 
     With a ``mesh`` the rows are replicated on every device (each device slices its share of a batch).
+    The batch is ``batch_size`` capped at the largest split (rounded up to the mesh's devices): fixed for the
+    run, since every task's split is placed at once, and no tiny split pays for a full batch.
     """
     sizes = tuple(len(s.y) for s in splits)
+    n = 1 if mesh is None else mesh.devices.size
+    batch_size = -(-max(1, min(batch_size, max(sizes, default=1))) // n) * n
     starts = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)[:-1]])) if sizes else ()
     first = splits[0]
     x = np.concatenate([np.asarray(s.x) for s in splits] + [np.zeros((batch_size, *first.x.shape[1:]), first.x.dtype)])
     y = np.concatenate([np.asarray(s.y) for s in splits] + [np.zeros((batch_size,), first.y.dtype)])
     put = jax.device_put if mesh is None else functools.partial(parallel.replicate, mesh)
-    return Placed(put(x), put(y), starts, sizes)
+    return Placed(put(x), put(y), starts, sizes, batch_size)
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,13 +120,17 @@ def counts_per_split(counts: Callable, args: tuple, splits, seen: int, batch_siz
     of ``Split``s (fixed-size padded batches from the host).
     """
     task_ids = range(len(splits)) if task_ids is None else list(task_ids)
-    batch_size = batch_size_for(counts, batch_size)
     if isinstance(splits, Placed):
+        batch_size = batch_size_for(counts, min(batch_size, splits.batch_size))
+        if batch_size > splits.batch_size:
+            raise ValueError(f"a batch of {batch_size} overruns the splits' padding of {splits.batch_size}: place "
+                             "them on the mesh of the counts function")
         run = _looped(counts, batch_size)
         totals = [run(args, splits.x, splits.y, jnp.int32(start), jnp.int32(n), jnp.int32(j), jnp.int32(seen),
                       tuple(extra)) if n else None
                   for j, start, n in zip(task_ids, splits.starts, splits.sizes)]
         return [(None if c is None else jax.tree.map(parallel.to_host, c), n) for c, n in zip(totals, splits.sizes)]
+    batch_size = batch_size_for(counts, batch_size)
     out = []
     for j, split in zip(task_ids, splits):
         total = None

@@ -52,7 +52,8 @@ def test_task_inference_table_has_every_rule_and_the_rule_in_use(tmp_path):
 
     scenario = data.build("class_split", data.load("digits"), 5, seed=0, val_fraction=0.1)
     cfg = mind.preset_config("digits", epochs=1, distill_epochs=1, hidden=(16, 16),
-                             inference=task_inference.InferenceConfig(gauss_components=2, gauss_rank=4))
+                             inference=task_inference.InferenceConfig(gauss_components=2, gauss_rank=4,
+                                                                          report_rules="all"))
     loop.run(mind.learner(cfg, scenario), {"seed": 0}, tmp_path / "run", echo=None)
     rows = task_inference_bench.table("split_mnist", [tmp_path / "run"], {}).splitlines()
     for rule in task_inference.SUBNET_RULES:

@@ -13,7 +13,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "2", "--arch", "mlp", "--epochs", "2",
-        "--distill_epochs", "2", "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.05", "--distill_lr", "0.05"]
+        "--distill_epochs", "2", "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.05", "--distill_lr", "0.05",
+        "--report_rules", "all"]  # every rule through the mesh
 
 
 def _run(workdir: Path, devices: int, extra=()) -> subprocess.CompletedProcess:

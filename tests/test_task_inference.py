@@ -337,7 +337,7 @@ def test_auto_chooses_on_validation_and_never_reads_the_test_split():
     assert choice["rule"] == task_inference.choose(choice["val_task_id"], task_inference.SUBNET_RULES)
     assert task_inference.SUBNET_RULES[int(state["inference"]["rule"])] == choice["rule"]
     # the choice is the best task identification on the seen tasks' validation splits
-    val = evaluation.accuracies(m.subnet_counts, (state["params"], state["batch_stats"], state["owner"],
+    val = evaluation.accuracies(m.choice_counts, (state["params"], state["batch_stats"], state["owner"],
                                                   state["inference"]), [t.val for t in sc.tasks[:3]], 3, 512,
                                 extra=(state["tau"],))
     sizes = np.asarray([len(t.val.y) for t in sc.tasks[:3]])
@@ -372,11 +372,11 @@ def _restore_inference(workdir, learner):
 def test_statistics_survive_resume_bit_for_bit_and_are_reported(method, tmp_path):
     sc = _digits()
     if method == "mind":
-        learner = mind.learner(_mind_cfg(), sc)
+        learner = mind.learner(_mind_cfg(report_rules="all"), sc)
     else:
         learner = baselines.learner(baselines.BaselineConfig(
             method="packnet", arch="mlp", hidden=(32, 32), epochs=1, retrain_epochs=1, batch_size=32, lr=1e-3,
-            crop_flip=False, inference=InferenceConfig(gauss_components=2, gauss_rank=8)), sc)
+            crop_flip=False, inference=InferenceConfig(gauss_components=2, gauss_rank=8, report_rules="all")), sc)
     cfg = {"seed": 0}
     loop.run(learner, cfg, tmp_path / "whole", echo=None)
     loop.run(learner, cfg, tmp_path / "part", stop_after=1, echo=None)
@@ -409,7 +409,7 @@ def test_every_rule_runs_on_resnet32_at_cifar_shape():
         ds = data.load("cifar10")
     sc = data.build("class_split", ds, 2, seed=0, val_fraction=0.2)
     cfg = mind.MindConfig(arch="resnet32", epochs=1, distill_epochs=1, batch_size=16, temperature=None,
-                          crop_flip=False, eval_batch_size=32, inference=InferenceConfig(gauss_components=1))
+                          crop_flip=False, eval_batch_size=32, inference=InferenceConfig(gauss_components=1, report_rules="all"))
     learner = mind.learner(cfg, sc)
     res = loop.run(learner, {"seed": 0}, None, echo=None)
     for rule in task_inference.SUBNET_RULES:

@@ -1,4 +1,4 @@
-"""Collective distillation over seeds: the README's table (mean ± std) and plot, from the CLI's run directories.
+"""Collective distillation over seeds: docs/collective.md's table (mean ± std) and plot, from the CLI's run directories.
 
     python -m benchmarks.collective                     # Split MNIST and Fashion-MNIST, 3 agents, seeds 0-2
     python -m benchmarks.collective --datasets mnist --seeds 1

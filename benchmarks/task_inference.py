@@ -45,7 +45,7 @@ def run_dir(root: Path, bench: str, seed: int, data_root: Path) -> Path:
 
     workdir = root / f"{bench}_s{seed}"
     dataset = BENCHMARKS[bench][1]
-    args = BENCHMARKS[bench] + ["--seed", str(seed), "--data_dir", str(data_root / dataset),
+    args = BENCHMARKS[bench] + ["--report_rules", "all", "--seed", str(seed), "--data_dir", str(data_root / dataset),
                                 "--workdir", str(workdir)]
     if cli.main(args) != 0:
         raise SystemExit(f"experiments.mind {' '.join(args)} failed")

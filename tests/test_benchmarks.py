@@ -25,7 +25,7 @@ def test_train_step_refuses_bad_sizes(capsys):
 
 
 def test_accuracy_report_rebuilds_from_saved_json(tmp_path):
-    """The committed raw results rebuild the committed table (the README's Results come from it)."""
+    """The committed raw results rebuild the committed table (docs/results.md comes from it)."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     out = tmp_path / "report"
     assert accuracy.main(["--from_json", str(results / "accuracy_quick.json"), "--out", str(out)]) == 0

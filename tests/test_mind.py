@@ -281,7 +281,7 @@ def test_auto_temperature_without_validation_data_is_a_usage_error(tmp_path, cap
 
 
 def test_paper_protocol_config_on_mock_cifar100():
-    """`--task_count 10` is the README's CIFAR-100 protocol, and trains on the whole training split."""
+    """`--task_count 10` is docs/mind.md's CIFAR-100 protocol, and trains on the whole training split."""
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = _cfg(["--task_count", "10"])
     m = cfg["mind"]

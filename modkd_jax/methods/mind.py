@@ -11,7 +11,7 @@ that share. The inference temperature tau is a separate setting: the
 reference's value for the dataset, or chosen on the seen tasks' validation
 data after every task. Unlike the public reference, earlier tasks are *gated*
 (never updated then restored), batch norm is per task and magnitude selection
-ranks trained weights (README: "Differences from the reference").
+ranks trained weights (docs/mind.md: "Differences from the reference").
 
 State is an explicit pytree ``{"params", "batch_stats", "owner", "tau"}``;
 ``learn_task`` maps (state, task) to the next state.

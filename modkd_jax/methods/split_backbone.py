@@ -1,4 +1,4 @@
-"""Online continual learning with a split ResNet-18: frozen, shared and per-task layers (DESIGN §1.3).
+"""Online continual learning with a split ResNet-18: frozen, shared and per-task layers (docs/split_backbone.md).
 
 The network is the one ``models.resnet18`` (stem of ``STEM_MODES``), seen as a
 list of *layers* in forward order, each a conv with its batch norm::

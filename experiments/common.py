@@ -180,6 +180,7 @@ INFERENCE_HELP = {
     "gauss_components": "Gaussian rules: Gaussians per class (k-means clusters; 0: 40 per task among its classes)",
     "gauss_covariance": "Gaussian rules: one covariance per Gaussian ('component') or one per task",
     "prototypes": "prototype rule: spherical k-means centroids per task",
+    "choice_examples": "auto: validation examples per seen task the rules are scored on (0: every one)",
     "report_rules": "test accuracies of 'used' rules only (max_prob and the rule in use) or of 'all' rules "
                     "(their statistics are then fitted too)",
 }

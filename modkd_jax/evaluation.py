@@ -64,6 +64,10 @@ class Placed:
     def __len__(self) -> int:
         return len(self.sizes)
 
+    def head(self, n: int) -> "Placed":
+        """The first ``n`` rows of each split (every row where ``n`` is 0), same device buffers."""
+        return self if n == 0 else dataclasses.replace(self, sizes=tuple(min(s, n) for s in self.sizes))
+
 
 def place(splits, batch_size: int, mesh=None) -> Placed:
     """``splits`` (``Split``s) on the device once, end to end, padded so that any split's last batch is in bounds.
@@ -301,10 +305,14 @@ def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], cou
     """The task-inference rule in use after ``seen`` tasks: ``(index into rules, info)``.
 
     A fixed rule is used as configured; ``auto`` takes the rule with the best task identification
-    (``task_id_<rule>`` of ``counts``) on ``splits``, the seen tasks' validation splits (never a test split).
+    (``task_id_<rule>`` of ``counts``) on ``splits``, the seen tasks' validation splits (never a test split),
+    each cut to its first ``cfg.choice_examples`` rows: scoring every rule costs O(seen^2) sub-network passes.
     """
     if cfg.task_inference != "auto":
         return rules.index(cfg.task_inference), {"rule": cfg.task_inference}
+    n = cfg.choice_examples
+    splits = splits.head(n) if isinstance(splits, Placed) else [
+        s if n == 0 else dataclasses.replace(s, x=s.x[:n], y=s.y[:n], y_global=s.y_global[:n]) for s in splits]
     per_split = counts_per_split(counts, args, splits, seen, batch_size, extra=extra)
     examples = sum(n for _, n in per_split)
     if examples == 0:

@@ -56,6 +56,7 @@ class InferenceConfig:
     gauss_covariance: str = "component"  # one covariance per Gaussian, or one pooled per "task"
     prototypes: int = 10  # centroids per task of the prototype rule
     report_rules: str = "used"  # test accuracy of "used" (max_prob and the rule in use) or of "all" rules
+    choice_examples: int = 1000  # auto scores the rules on this many validation examples per seen task (0: all)
 
     def __post_init__(self):
         if self.report_rules not in REPORTS:
@@ -65,6 +66,8 @@ class InferenceConfig:
                              f"{', '.join(RULES)}")
         if not 0.0 <= self.gauss_shrinkage <= 1.0:
             raise ValueError(f"gauss_shrinkage must be in [0, 1], got {self.gauss_shrinkage}")
+        if self.choice_examples < 0:
+            raise ValueError(f"choice_examples must be >= 0 (0: every validation example), got {self.choice_examples}")
         if self.gauss_rank < 0 or self.gauss_components < 0 or self.prototypes < 1:
             raise ValueError("gauss_rank and gauss_components must be >= 0, prototypes >= 1")
         if self.gauss_covariance not in gaussians.COVARIANCES:

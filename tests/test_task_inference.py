@@ -324,6 +324,23 @@ class _Unreadable:
         raise AssertionError("the test split was read (array)")
 
 
+def test_auto_scores_only_the_first_choice_examples_of_each_validation_split():
+    sc = _digits()
+    m = mind.setup(_mind_cfg(choice_examples=7), sc)
+    state = mind.init_state(m, jax.random.key(0))
+    for t in range(2):
+        state, info = mind.learn_task(m, state, t, jax.random.key(t))
+    head = m.val.take(range(2)).head(7)
+    assert head.sizes == (7, 7) and head.x is m.val.x
+    val = evaluation.accuracies(m.choice_counts, (state["params"], state["batch_stats"], state["owner"],
+                                                  state["inference"]), head, 2, 512, extra=(state["tau"],))
+    for rule, acc in info["task_inference"]["val_task_id"].items():
+        assert acc == pytest.approx(np.mean(val[f"task_id_{rule}"]))  # 14 examples, not every validation row
+        assert acc * 14 == pytest.approx(round(acc * 14))
+    with pytest.raises(ValueError, match="choice_examples must be >= 0"):
+        InferenceConfig(choice_examples=-1)
+
+
 def test_auto_chooses_on_validation_and_never_reads_the_test_split():
     sc = _digits()
     poison = data.Split(_Unreadable(), _Unreadable(), _Unreadable())

@@ -73,31 +73,42 @@ def compare(steps: int = 200, rounds: int = 10) -> dict:
     secs = common.interleaved(runs, rounds=rounds, calls=max(1, steps // rounds))
     return {"jit_ms": 1000 * secs["jit"], "dp_ms": 1000 * secs["data_parallel"], "mesh_jit_ms": 1000 * secs["mesh_jit"],
             "ratio": secs["jit"] / secs["data_parallel"],  # steps/s of dp over steps/s of jit
+            "floor_ratio": secs["mesh_jit"] / secs["data_parallel"],  # the wrapper's cost: dp vs jit, same mesh
             "mesh_jit_ratio": secs["jit"] / secs["mesh_jit"],
             "dp_programs": sharded.compiled_count(), "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def report(result: dict, steps: int) -> str:
     """The result as the text of ``RESULTS``: the command, the set-up, one table, the loads."""
-    rows = [{"step": "plain jax.jit, 1 device", "ms/step": f"{result['jit_ms']:.3f}", "steps/s vs jit": "1.00x"},
+    rows = [{"step": "plain jax.jit, 1 device", "ms/step": f"{result['jit_ms']:.3f}", "steps/s vs 1-device jit": "1.00x",
+             "steps/s vs 2-device jit": "-"},
             {"step": "parallel.data_parallel, 2 devices", "ms/step": f"{result['dp_ms']:.3f}",
-             "steps/s vs jit": f"{result['ratio']:.2f}x"},
+             "steps/s vs 1-device jit": f"{result['ratio']:.2f}x",
+             "steps/s vs 2-device jit": f"{result['floor_ratio']:.2f}x"},
             {"step": "jax.jit with the mesh shardings, 2 devices (floor)", "ms/step": f"{result['mesh_jit_ms']:.3f}",
-             "steps/s vs jit": f"{result['mesh_jit_ratio']:.2f}x"}]
+             "steps/s vs 1-device jit": f"{result['mesh_jit_ratio']:.2f}x", "steps/s vs 2-device jit": "1.00x"}]
     return "\n".join([
         f"$ {COMMAND}", common.banner(),
         f"{ARCH}, {TASKS} tasks of {CLASSES} classes, batch {BATCH}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"{steps} steps each in alternating rounds, medians; data-parallel programs compiled: {result['dp_programs']}",
         common.table(rows, list(rows[0])),
+        "goal: data_parallel >= 0.9x the steps/s of jax.jit on the same 2 devices (what the wrapper costs per call); "
+        "the 2-device program against 1 device is XLA's own cost on 2 simulated devices sharing the cores",
         f"load average {result['load_before']:.2f} before timing, {result['load_after']:.2f} after "
         f"on {os.cpu_count()} CPU(s)", ""])
 
 
-def main() -> int:
-    steps = 200
-    text = report(compare(steps), steps)
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--no_write", action="store_true", help=f"print only (do not write {RESULTS.name})")
+    args = ap.parse_args(argv)
+    text = report(compare(args.steps), args.steps)
     print(text, end="")
-    RESULTS.write_text(text)
+    if not args.no_write:
+        RESULTS.write_text(text)
     return 0
 
 

@@ -16,8 +16,9 @@ unfinished one resumes. Per rule the table gives the final class-incremental
 accuracy and the share of test inputs whose task the rule identifies (mean ±
 std over seeds), the bytes of statistics it stores per task, and its
 evaluation time per example relative to ``max_prob``: the final state of seed
-0 restored from its checkpoint, every rule compiled on its own into the
-one-pass evaluator, timed round-robin on all test splits (``common.interleaved``).
+0 restored from its checkpoint, every rule on its own in the sub-network
+evaluator (every sub-network's outputs computed from scratch, nothing kept), on
+4096 test inputs, timed round-robin (``common.interleaved``).
 The last row is the rule ``auto`` chose (on validation data) after the last task.
 """
 
@@ -66,7 +67,9 @@ def rule_times(workdir: Path, data_root: Path, rounds: int) -> dict[str, float]:
     from experiments import mind as cli
     from experiments.common import build_scenario
     from modkd_jax import checkpoint, evaluation, task_inference
+    from modkd_jax.data.scenarios import Split
     from modkd_jax.methods import mind
+    from modkd_jax.subnet_eval import SubnetEvaluator
 
     cfg = json.loads((workdir / "config.json").read_text())
     mcfg = cli.mind_config(cfg)
@@ -77,18 +80,20 @@ def rule_times(workdir: Path, data_root: Path, rounds: int) -> dict[str, float]:
     _, ckpt, _ = checkpoint.latest(mngr, like)
     mngr.close()
     state = ckpt["state"]
-    mean, std = scenario.norm
     T = scenario.task_count
     x = np.concatenate([t.test.x for t in scenario.tasks])[:4096]
-    y, valid = np.zeros(len(x), np.int32), np.ones(len(x), bool)
+    placed = evaluation.place([Split(x, np.zeros(len(x), np.int32), np.zeros(len(x), np.int32))], 512)
+    inference = {**state["inference"], "rule": jnp.int32(0)}
+    args = (state["params"], state["batch_stats"], state["owner"], inference)
     contenders = {}
     for rule in task_inference.SUBNET_RULES:
-        counts = evaluation.make_subnet_counts(m.student.apply, T, m.block_size, mean, std, m.kinds, rules=(rule,))
-        inference = {**state["inference"], "rule": jnp.int32(0)}
-        args = (state["params"], state["batch_stats"], state["owner"], inference)
-        contenders[rule] = (lambda c=counts, a=args: [c(*a, x[i:i + 512], y[i:i + 512], valid[i:i + 512],
-                                                        jnp.int32(0), jnp.int32(T), state["tau"])
-                                                      for i in range(0, len(x), 512)])
+        ev = SubnetEvaluator(m.student.apply, T, m.block_size, *scenario.norm, m.kinds, 512)
+
+        def run(ev=ev, rule=rule):  # every sub-network's outputs for the rule, from scratch (nothing kept)
+            ev.forget()
+            return ev.counts(args, placed, T, rules=(rule,), tau=float(state["tau"]))
+
+        contenders[rule] = run
     seconds = common.interleaved(contenders, rounds=rounds)
     return {rule: s / len(x) for rule, s in seconds.items()}
 

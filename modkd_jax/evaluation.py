@@ -3,8 +3,10 @@
 A method supplies a jitted *counts function* ``counts(*args, x, y, valid,
 true_task, seen, *extra) -> {rule: correct count}`` (til, cil, the task-inference
 rules, task_id, routing ...); ``accuracies`` runs it over every split and
-divides. The counts functions shared by several methods (every sub-network of an
-owner map at once; one network on one class block) live here too.
+divides. The counts functions shared by several methods (one network on one
+class block, a sub-network's features) and the choice of the task-inference
+rule live here too; the sub-networks of an owner map have their own evaluator,
+which keeps each sub-network's outputs (``subnet_eval``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import masks, parallel, routing, task_inference
+from modkd_jax import masks, parallel, task_inference
 from modkd_jax.data import batching
 
 
@@ -55,6 +57,7 @@ class Placed:
     starts: tuple[int, ...]
     sizes: tuple[int, ...]
     batch_size: int  # the evaluation batch over these splits: at most the largest split (no padding to 512 rows)
+    largest: int  # rows of the largest split placed (``take`` keeps it: per-split buffers keep one shape)
 
     def take(self, indices: Iterable[int]) -> "Placed":
         """The splits ``indices`` of these (same device buffers)."""
@@ -66,7 +69,8 @@ class Placed:
 
     def head(self, n: int) -> "Placed":
         """The first ``n`` rows of each split (every row where ``n`` is 0), same device buffers."""
-        return self if n == 0 else dataclasses.replace(self, sizes=tuple(min(s, n) for s in self.sizes))
+        return self if n == 0 else dataclasses.replace(self, sizes=tuple(min(s, n) for s in self.sizes),
+                                                       largest=min(self.largest, n))
 
 
 def place(splits, batch_size: int, mesh=None) -> Placed:
@@ -84,7 +88,7 @@ def place(splits, batch_size: int, mesh=None) -> Placed:
     x = np.concatenate([np.asarray(s.x) for s in splits] + [np.zeros((batch_size, *first.x.shape[1:]), first.x.dtype)])
     y = np.concatenate([np.asarray(s.y) for s in splits] + [np.zeros((batch_size,), first.y.dtype)])
     put = jax.device_put if mesh is None else functools.partial(parallel.replicate, mesh)
-    return Placed(put(x), put(y), starts, sizes, batch_size)
+    return Placed(put(x), put(y), starts, sizes, batch_size, max(sizes, default=0))
 
 
 @functools.lru_cache(maxsize=32)
@@ -163,83 +167,6 @@ def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int
     return {r: np.asarray([c[r] / n if n else np.nan for c, n in per_split], float) for r in rules}
 
 
-def make_subnet_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, kinds,
-                       rules: tuple[str, ...] = task_inference.SUBNET_RULES,
-                       in_use: tuple[str, ...] = task_inference.SUBNET_RULES, strategy: str = "map") -> Callable:
-    """``counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau)``, jitted.
-
-    All ``task_count`` sub-networks run in one compiled call (``routing.subnet_outputs``); each rule of
-    ``rules`` chooses among the first ``seen`` (``task_inference.infer``: ``cil_<rule>``, ``task_id_<rule>``)
-    and the class is the chosen sub-network's. ``cil`` / ``task_id`` are those of the rule in use,
-    ``in_use[inference["rule"]]``, the only other rule computed (``task_inference.infer_in_use``; empty
-    ``in_use``: none). ``inference`` holds the fitted statistics (``task_inference.init_stats``); ``tau``
-    (the inference temperature) and the rule in use are traced, so changing them compiles nothing new.
-    ``strategy`` runs the sub-networks one after another (``"map"``) or batched (``"vmap"``, ``routing``).
-    """
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
-
-    @jax.jit
-    def counts(params, batch_stats, owner, inference, x, y, valid, true_task, seen, tau):
-        xf = batching.to_float(x, mean, std)
-        logits, features = routing.subnet_outputs(apply_fn, params, batch_stats, owner, xf, task_count, block_size,
-                                                  strategy)
-        kwargs = dict(tau=tau, x=task_inference.pixels(x), stats=inference, features=features,
-                      grad=lambda: task_inference.entropy_gradient(apply_fn, params, batch_stats, owner, kinds, xf,
-                                                                   seen, task_count, block_size))
-        tasks = task_inference.infer(rules, logits, seen, **kwargs)
-        cls = jnp.argmax(logits, axis=-1)  # (T, B): every sub-network's class
-        out = {"til": jnp.sum(valid & (cls[true_task] == y))}
-        out.update(task_inference.rule_counts(tasks, cls, y, valid, true_task))
-        if in_use:
-            task = task_inference.infer_in_use(in_use, inference["rule"], logits, seen, known=tasks, **kwargs)
-            out["cil"], out["task_id"] = task_inference.correct_counts(task, cls, y, valid, true_task)
-        return out
-
-    return counts
-
-
-def make_tau_counts(apply_fn: Callable, task_count: int, block_size: int, mean, std, strategy: str = "map"
-                    ) -> Callable:
-    """``counts(params, batch_stats, owner, x, y, valid, true_task, seen, taus) -> {"cil": (K,)}``, jitted.
-
-    The max-probability rule's correct counts for every candidate inference
-    temperature in ``taus`` (shape ``(K,)``), from one pass of the sub-networks.
-    """
-    mean, std = jnp.asarray(mean), jnp.asarray(std)
-
-    @jax.jit
-    def counts(params, batch_stats, owner, x, y, valid, true_task, seen, taus):
-        logits = routing.subnet_logits(apply_fn, params, batch_stats, owner, batching.to_float(x, mean, std),
-                                       task_count, block_size, strategy)
-        cls = jnp.argmax(logits, axis=-1)  # (T, B): a block's predicted class does not depend on tau
-
-        def correct(tau):
-            task = routing.max_prob_task(jax.nn.softmax(logits / tau, axis=-1), seen)
-            return jnp.sum(valid & (task == true_task) & (cls[task, jnp.arange(len(y))] == y))
-
-        return {"cil": jax.vmap(correct)(taus)}
-
-    return counts
-
-
-def choose_tau(tau_counts: Callable, args: tuple, splits, seen: int, batch_size: int,
-               grid: Iterable[float]) -> tuple[float, dict[float, float]]:
-    """The inference temperature of ``grid`` with the best max-probability CIL on ``splits`` (validation data).
-
-    Returns ``(tau, {tau: accuracy})``. Ties (e.g. 2-class blocks, where the rule
-    does not depend on tau) go to the tau closest to 1 on a log scale.
-    """
-    grid = tuple(float(t) for t in grid)
-    per_split = counts_per_split(tau_counts, args, splits, seen, batch_size, extra=(jnp.asarray(grid, jnp.float32),))
-    examples = sum(n for _, n in per_split)
-    if examples == 0:
-        raise ValueError("choosing the inference temperature needs validation examples")
-    correct = np.sum([np.asarray(c["cil"]) for c, n in per_split if n], axis=0)
-    acc = {tau: float(c) / examples for tau, c in zip(grid, correct)}
-    best = max(acc.values())
-    return min((t for t in grid if acc[t] == best), key=lambda t: abs(np.log(t))), acc
-
-
 def make_block_counts(apply_fn: Callable, block_size: int, mean, std) -> Callable:
     """``counts(variables, x, y, valid, task, seen) -> {"til": count}`` of one network on one task's block, jitted."""
     mean, std = jnp.asarray(mean), jnp.asarray(std)
@@ -300,51 +227,55 @@ def features_of(features: Callable, args: tuple, x, task: int, batch_size: int) 
     return _mapped(features, batch_size)(args, x, jnp.int32(task))[:n]
 
 
-def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], counts: Callable, args: tuple, splits,
-                seen: int, batch_size: int, extra: tuple = ()) -> tuple[int, dict]:
-    """The task-inference rule in use after ``seen`` tasks: ``(index into rules, info)``.
+def head(splits, n: int):
+    """The first ``n`` rows of each split (all of them for 0): a ``Placed`` or a list of ``Split``s."""
+    if isinstance(splits, Placed):
+        return splits.head(n)
+    return [s if n == 0 else dataclasses.replace(s, x=s.x[:n], y=s.y[:n], y_global=s.y_global[:n]) for s in splits]
+
+
+def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], per_split: Callable, splits
+                ) -> tuple[int, dict]:
+    """The task-inference rule in use: ``(index into rules, info)``.
 
     A fixed rule is used as configured; ``auto`` takes the rule with the best task identification
-    (``task_id_<rule>`` of ``counts``) on ``splits``, the seen tasks' validation splits (never a test split),
-    each cut to its first ``cfg.choice_examples`` rows: scoring every rule costs O(seen^2) sub-network passes.
+    (``task_id_<rule>``) on ``splits``, the seen tasks' validation splits (never a test split), each cut to its
+    first ``cfg.choice_examples`` rows; ``per_split(splits)`` returns ``[(counts, examples)]`` per split.
     """
     if cfg.task_inference != "auto":
         return rules.index(cfg.task_inference), {"rule": cfg.task_inference}
-    n = cfg.choice_examples
-    splits = splits.head(n) if isinstance(splits, Placed) else [
-        s if n == 0 else dataclasses.replace(s, x=s.x[:n], y=s.y[:n], y_global=s.y_global[:n]) for s in splits]
-    per_split = counts_per_split(counts, args, splits, seen, batch_size, extra=extra)
-    examples = sum(n for _, n in per_split)
+    counted = per_split(head(splits, cfg.choice_examples))
+    examples = sum(n for _, n in counted)
     if examples == 0:
         raise ValueError("choosing the task-inference rule needs validation examples")
-    val = {r: float(sum(c[f"task_id_{r}"] for c, n in per_split if n)) / examples for r in rules}
+    val = {r: float(sum(c[f"task_id_{r}"] for c, n in counted if n)) / examples for r in rules}
     rule = task_inference.choose(val, rules)
     return rules.index(rule), {"rule": rule, "val_task_id": val}
 
 
-def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train, val,
-                            features: Callable, counts: Callable | None, args: tuple, batch_size: int, key: jax.Array,
-                            extra: tuple = ()):
+def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train, val: Placed,
+                            features: Callable, evaluator, args: tuple, batch_size: int, key: jax.Array, tau):
     """``(inference, info)`` after task ``t`` of a sub-network method: t's statistics fitted from its training
     split only, then the rule in use chosen on the seen tasks' validation splits (``choose_rule``).
 
     Args:
-      cfg: the task-inference settings (its candidates are the rules ``counts`` scores).
+      cfg: the task-inference settings.
       inference: the statistics so far (``task_inference.init_stats``).
       scenario: the tasks (class counts).
       t: the task that just ended.
       train: its training split (a ``training.DeviceSplit`` or a host ``Split``).
-      val: the seen tasks' validation splits (``Placed`` or ``Split``s).
+      val: the seen tasks' validation splits.
       features: ``make_subnet_features``'s function.
-      counts: ``make_subnet_counts``'s over the candidate rules (None unless ``auto``).
+      evaluator: the method's ``subnet_eval.SubnetEvaluator``.
       args: the sub-networks' ``(params, batch_stats, owner)``.
-      batch_size: evaluation batch.
+      batch_size: batch of the feature passes.
       key: PRNG key of the fits.
-      extra: ``counts``' trailing arguments.
+      tau: the inference temperature.
     """
     inference = _fit_subnet_statistics(cfg, inference, scenario, t, train, features, args, batch_size, key)
-    rule, info = choose_rule(cfg, cfg.candidates(task_inference.SUBNET_RULES), counts, (*args, inference), val,
-                             t + 1, batch_size, extra)
+    candidates = cfg.candidates(task_inference.SUBNET_RULES)
+    rule, info = choose_rule(cfg, candidates, lambda s: evaluator.counts((*args, inference), s, t + 1,
+                                                                         rules=candidates, tau=tau), val)
     return {**inference, "rule": jnp.int32(rule)}, info
 
 

@@ -3,7 +3,7 @@
 Nothing here is a second implementation of a step. A mesh has two axes,
 ``("agents", "data")``: batches are split along ``data``, parameters, owner
 maps, masks and optimizer state are replicated, and the library's jitted
-functions (``training.make_step``, ``evaluation.make_subnet_counts``,
+functions (``training.make_step``, ``subnet_eval.SubnetEvaluator``,
 ``routing.subnet_probs`` inside them) run unchanged under ``jax.jit`` sharding
 annotations; XLA inserts the cross-device reductions. Batch-norm statistics are
 therefore *global*: the batch mean in ``TaskBatchNorm`` is a mean over the

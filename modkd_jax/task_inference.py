@@ -220,7 +220,7 @@ def _on_tasks(fn: Callable, stats: PyTree, seen, *args) -> jax.Array:
 
 
 def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, features=None, grad=None,
-           energy=None) -> jax.Array:
+           energy=None, task_scores: dict | None = None) -> jax.Array:
     """How much each input looks like each task under ``rule`` (higher is more): ``(T, B)``.
 
     Args:
@@ -233,7 +233,10 @@ def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, f
       features: every sub-network's features ``(T, B, h)`` (``gauss_own``, ``gauss_first``).
       grad: ``entropy_gradient``'s ``(B, T)``.
       energy: per-task free energy ``(T, B)`` where a task's logits are a mixture (experts).
+      task_scores: ``{rule: (T, B)}`` scores already computed task by task (``subnet_eval``), used as they are.
     """
+    if task_scores is not None and rule in task_scores:
+        return task_scores[rule]
     if rule == "max_prob":
         return jnp.max(jax.nn.softmax(logits / tau, axis=-1), axis=-1)
     if rule == "energy":

@@ -176,17 +176,27 @@ def epoch_order(key: jax.Array, n: jax.Array, capacity: int, length: int) -> jax
 LOOPS = ("auto", "epoch", "step")
 
 
-def loop_for(loop: str) -> str:
+def loop_for(loop: str, convolves: bool = True) -> str:
     """The dispatch granularity of ``run_phase``: ``"epoch"`` (one compiled call per epoch) or ``"step"``.
 
-    ``"auto"`` is ``"step"`` on XLA:CPU, where a convolutional step inside a compiled loop ran 13-19x slower
-    than on its own (ResNet-32, ``benchmarks/accelerator.py``), and ``"epoch"`` on accelerators.
+    ``"auto"`` is ``"epoch"`` except for a step with convolutions on XLA:CPU (``convolves``), which ran 13-19x
+    slower inside a compiled loop than on its own (ResNet-32, ``benchmarks/accelerator.py``); there each step
+    is one compiled call. A dense step runs as fast or faster inside the loop (``benchmarks/hot_paths.py``).
     """
     if loop not in LOOPS:
         raise ValueError(f"unknown training loop {loop!r}; expected one of {', '.join(LOOPS)}")
     if loop == "auto":
-        return "step" if jax.default_backend() == "cpu" else "epoch"
+        return "step" if convolves and jax.default_backend() == "cpu" else "epoch"
     return loop
+
+
+def _step_signature(step: Callable, carry, data: "DeviceSplit", batch_size: int, masked: bool, ctx):
+    """The jaxpr of one step of ``step`` on a batch of ``data`` (abstract: nothing is computed)."""
+    fn = step.fn if isinstance(step, parallel.DataParallel) else step
+    batch = Batch(jax.ShapeDtypeStruct((batch_size, *data.x.shape[1:]), data.x.dtype),
+                  jax.ShapeDtypeStruct((batch_size,), data.y.dtype),
+                  jax.ShapeDtypeStruct((batch_size,), jnp.bool_) if masked else None)
+    return jax.make_jaxpr(fn, return_shape=True)(carry, batch, jax.random.key(0), ctx)
 
 
 @functools.lru_cache(maxsize=32)
@@ -222,14 +232,23 @@ def _epoch_step(step: Callable, batch_size: int, masked: bool, loop: str) -> Cal
     return parallel.data_parallel(fun, mesh, batch_argnums=(), donate_argnums=donate)
 
 
-def _metric_zeros(step: Callable, carry, data: "DeviceSplit", batch_size: int, masked: bool, ctx) -> dict:
-    """Zeros shaped like ``step``'s metrics (abstract evaluation: the jitted step's trace is cached)."""
-    fn = step.fn if isinstance(step, parallel.DataParallel) else step
-    batch = Batch(jax.ShapeDtypeStruct((batch_size, *data.x.shape[1:]), data.x.dtype),
-                  jax.ShapeDtypeStruct((batch_size,), data.y.dtype),
-                  jax.ShapeDtypeStruct((batch_size,), jnp.bool_) if masked else None)
-    shapes = jax.eval_shape(fn, carry, batch, jax.random.key(0), ctx)[1]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def _metric_zeros(shapes) -> dict:
+    """Zeros shaped like a step's metrics (``_step_signature``'s output shapes)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[1])
+
+
+def _convolves(jaxpr) -> bool:
+    """Whether a (closed) jaxpr holds a convolution, at any depth (inside jit, scan, cond, custom rules ...)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    if _convolves(sub):
+                        return True
+    return False
 
 
 def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *, desc: str = "",
@@ -257,7 +276,8 @@ def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *
     count = n // batch_size if phase.drop_last else -(-n // batch_size)
     masked = not phase.drop_last
     length = max(capacity, -(-capacity // batch_size) * batch_size)
-    loop = loop_for(loop)
+    jaxpr, shapes = _step_signature(step, carry, data, batch_size, masked, ctx)
+    loop = loop_for(loop, _convolves(jaxpr))
     call = _epoch_step(step, batch_size, masked, loop)
     n_dev, count_dev = jnp.int32(n), jnp.int32(count)
     bar = tqdm(range(phase.epochs), desc=desc, leave=False, disable=not progress)
@@ -276,7 +296,7 @@ def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *
         ekey, key = jax.random.split(key)
         bkey, akey = jax.random.split(ekey)
         order = epoch_order(bkey, n_dev, capacity, length)
-        sums = _metric_zeros(step, carry, data, batch_size, masked, ctx)
+        sums = _metric_zeros(shapes)
         if loop == "epoch":
             carry, sums = call(carry, sums, order, akey, data.x, data.y, n_dev, count_dev, ctx)
         else:

@@ -22,6 +22,7 @@ into +-lr moves, so with Adam the two runs agree in loss and batch statistics
 but not weight for weight. The sharding itself does not depend on the optimizer.
 """
 
+import dataclasses
 import os
 
 # Single-threaded kernels per device: eight simulated devices share the host's few cores, and a collective
@@ -41,8 +42,9 @@ sys.path.insert(0, str(REPO))
 # The persistent XLA cache comes from tests/conftest.py through JAX_COMPILATION_CACHE_DIR.
 jax.config.update("jax_cpu_enable_async_dispatch", os.environ.get("ASYNC", "0") == "1")
 
-from modkd_jax import data, masks, models, parallel, routing, training  # noqa: E402
+from modkd_jax import data, evaluation, masks, models, parallel, routing, task_inference, training  # noqa: E402
 from modkd_jax.methods import mind  # noqa: E402
+from modkd_jax.subnet_eval import SubnetEvaluator  # noqa: E402
 
 BATCH = 16  # 2 examples per device
 RTOL, ATOL = 2e-4, 2e-5  # float32 reductions summed in a different order across devices
@@ -140,14 +142,19 @@ def main() -> int:
 
     # 3. class-incremental inference over every sub-network (test split of both tasks, padded batches)
     params, bs = one_d[0], one_d[1]
-    ev8 = parallel.data_parallel(m.subnet_counts, mesh, batch_argnums=(4, 5, 6), donate_argnums=())
     inference = s_state["inference"]
-    for j, t in enumerate(scenario.tasks):
-        x, y = t.test.x[:32], t.test.y[:32]
-        valid = np.ones(len(y), bool)
-        c1 = m.subnet_counts(params, bs, owner, inference, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
-        c8 = ev8(params, bs, owner, inference, x, y, valid, jnp.int32(j), jnp.int32(2), jnp.float32(6.5))
-        close(f"subnet_eval counts task {j}", c1, c8)
+    args1 = (params, bs, owner, inference)
+    args8 = parallel.replicate(mesh, args1)
+    test = [dataclasses.replace(t.test, x=t.test.x[:40], y=t.test.y[:40], y_global=t.test.y_global[:40])
+            for t in scenario.tasks]
+    rules = task_inference.SUBNET_RULES
+    for strategy in routing.STRATEGIES:
+        accs = []
+        for on in (None, mesh):
+            ev = SubnetEvaluator(m.student.apply, 2, m.block_size, *scenario.norm, m.kinds, 16, strategy, on)
+            accs.append(ev.accuracies(args1 if on is None else args8, evaluation.place(test, 16, on), 2,
+                                      rules=rules, tau=6.5))
+        close(f"sub-network evaluator ({strategy}), 1 vs 8 devices", accs[0], accs[1])
     xf = data.batching.to_float(scenario.tasks[0].test.x[:32], *scenario.norm)
     for strategy in ("vmap",):  # "map" ran inside make_subnet_counts above
         def probs(params, bs, owner, x, strategy=strategy):

@@ -230,18 +230,18 @@ def test_config_and_results_record_the_losses_and_temperatures(tmp_path):
 
 
 def test_tau_is_chosen_on_validation_splits_only(monkeypatch):
-    from modkd_jax import evaluation
+    from modkd_jax.subnet_eval import SubnetEvaluator
 
     cfg = _cfg(["--dataset", "digits", "--task_count", "2", "--epochs", "1", "--distill_epochs", "1"])
     scenario = build_scenario(cfg)
     seen_splits = []
-    real = evaluation.choose_tau
+    real = SubnetEvaluator.choose_tau
 
-    def spy(tau_counts, args, splits, *rest):
+    def spy(self, args, splits, *rest):
         seen_splits.append(splits)
-        return real(tau_counts, args, splits, *rest)
+        return real(self, args, splits, *rest)
 
-    monkeypatch.setattr(evaluation, "choose_tau", spy)
+    monkeypatch.setattr(SubnetEvaluator, "choose_tau", spy)
     import dataclasses
 
     from modkd_jax.data.scenarios import Split
@@ -259,18 +259,14 @@ def test_tau_is_chosen_on_validation_splits_only(monkeypatch):
 
 
 def test_choose_tau_picks_the_best_and_breaks_ties_towards_one():
-    import jax.numpy as jnp
+    from modkd_jax.subnet_eval import SubnetEvaluator
 
-    from modkd_jax import evaluation
-    from modkd_jax.data.scenarios import Split
-
-    split = Split(np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32))
     grid = (0.5, 1.0, 2.0, 4.0)
-    by_tau = lambda counts: lambda *args: {"cil": jnp.asarray(counts)[: len(args[-1])]}  # noqa: E731
-    assert evaluation.choose_tau(by_tau([1, 3, 9, 2]), (), [split], 1, 10, grid)[0] == 2.0
-    tau, acc = evaluation.choose_tau(by_tau([5, 5, 5, 5]), (), [split], 1, 10, grid)
-    assert tau == 1.0 and acc == {0.5: 0.5, 1.0: 0.5, 2.0: 0.5, 4.0: 0.5}
-    assert evaluation.choose_tau(by_tau([7, 2, 2, 7]), (), [split], 1, 10, grid)[0] == 0.5
+    ev = SubnetEvaluator(None, 1, 2, (0.0,), (1.0,), None, 10)
+    for correct, want in (([1, 3, 9, 2], 2.0), ([5, 5, 5, 5], 1.0), ([7, 2, 2, 7], 0.5)):
+        ev.counts = lambda *args, c=correct, **kw: [({"cil_tau": np.asarray(c)}, 10)]
+        tau, acc = ev.choose_tau((), None, 1, grid)
+        assert tau == want and acc == {t: c / 10 for t, c in zip(grid, correct)}
 
 
 def test_auto_temperature_without_validation_data_is_a_usage_error(tmp_path, capsys):

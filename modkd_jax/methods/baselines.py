@@ -31,6 +31,7 @@ State is an explicit pytree: ``{"params", "batch_stats"}`` plus ``"fisher"``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -45,6 +46,7 @@ from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods.mind import PRESETS, block_size_of, make_loss, preset_config
+from modkd_jax.subnet_eval import SubnetEvaluator
 
 PyTree = Any
 
@@ -112,7 +114,8 @@ class Baseline:
     fisher_fn: Callable | None  # EWC
     block_counts: Callable | None  # PackNet: one sub-network on its own block (validation)
     features: Callable | None  # PackNet: a sub-network's features (task-inference statistics)
-    choice_counts: Callable | None = None  # PackNet with auto: every candidate rule on validation
+    subnets: SubnetEvaluator | None = None  # PackNet: every sub-network (test accuracies, the rule on validation)
+    val: evaluation.Placed | None = None  # PackNet: every task's validation split, on the device once
 
     @property
     def task_count(self) -> int:
@@ -240,19 +243,16 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
     T = scenario.task_count
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
-    features = choice_counts = None
+    features = subnets = val = None
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
         model = _build(cfg, k * T, T)
         apply_fn = model.apply
         cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
         step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
         kinds = models.leaf_kinds(models.init(model, jax.random.key(0), scenario.input_shape)[0])
-        ti, rules = cfg.inference, task_inference.SUBNET_RULES
-        counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds, rules=ti.reported(rules),
-                                               in_use=ti.candidates(rules))
-        if ti.task_inference == "auto":
-            choice_counts = evaluation.make_subnet_counts(apply_fn, T, k, mean, std, kinds,
-                                                          rules=ti.candidates(rules), in_use=())
+        subnets = SubnetEvaluator(apply_fn, T, k, mean, std, kinds, cfg.eval_batch_size, mesh=mesh)
+        val = evaluation.place([task.val for task in scenario.tasks], cfg.eval_batch_size, mesh)
+        counts = None
         features = evaluation.make_subnet_features(apply_fn, mean, std)
         fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
@@ -267,17 +267,15 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
         block_counts = None
     if mesh is not None:  # the same functions with sharding annotations; batches split along "data"
         step = parallel.data_parallel(step, mesh)
-        counts = parallel.data_parallel(counts, mesh, batch_argnums=(4, 5, 6) if cfg.method == "packnet"
-                                        else (1, 2, 3), donate_argnums=())
+        if counts is not None:
+            counts = parallel.data_parallel(counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
         if features is not None:
             features = parallel.data_parallel(features, mesh, batch_argnums=(3,), donate_argnums=())
-        if choice_counts is not None:
-            choice_counts = parallel.data_parallel(choice_counts, mesh, batch_argnums=(4, 5, 6), donate_argnums=())
         if block_counts is not None:
             block_counts = parallel.data_parallel(block_counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
     params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
     return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, counts, fisher_fn,
-                    block_counts, features, choice_counts)
+                    block_counts, features, subnets, val)
 
 
 def init_state(b: Baseline, key: jax.Array) -> PyTree:
@@ -344,9 +342,8 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
                                   Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
     inference, choice = evaluation.update_subnet_inference(
-        cfg.inference, state["inference"], b.scenario, t, task.train, [b.scenario.tasks[j].val for j in range(t + 1)],
-        b.features, b.choice_counts, (params, batch_stats, owner), cfg.eval_batch_size, k_stats,
-        extra=(jnp.float32(cfg.temperature),))
+        cfg.inference, state["inference"], b.scenario, t, task.train, b.val.take(range(t + 1)), b.features,
+        b.subnets, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, cfg.temperature)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "inference": inference}
     info = {"task_inference": choice, "val_til_acc": evaluation.block_accuracy(
                 b.block_counts, {"params": masks.gate(params, fwd), "batch_stats": batch_stats}, task.val, t,
@@ -390,9 +387,13 @@ def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable
 def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
     """Accuracy per rule (til, cil[, task_id and every task-inference rule]) on ``splits`` of ``task_ids``."""
     if b.cfg.method == "packnet":
-        return evaluation.accuracies(b.counts, (state["params"], state["batch_stats"], state["owner"],
-                                                state["inference"]), splits, seen, b.cfg.eval_batch_size, task_ids,
-                                     extra=(jnp.float32(b.cfg.temperature),))
+        ti = b.cfg.inference
+        if not isinstance(splits, evaluation.Placed):
+            splits = evaluation.place(splits, b.cfg.eval_batch_size, b.subnets.mesh)
+        return b.subnets.accuracies((state["params"], state["batch_stats"], state["owner"], state["inference"]),
+                                    splits, seen, rules=ti.reported(task_inference.SUBNET_RULES),
+                                    in_use=ti.candidates(task_inference.SUBNET_RULES), tau=b.cfg.temperature,
+                                    task_ids=task_ids)
     return evaluation.accuracies(b.counts, ({"params": state["params"], "batch_stats": state["batch_stats"]},),
                                  splits, seen, b.cfg.eval_batch_size, task_ids)
 
@@ -400,10 +401,12 @@ def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> di
 def learner(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
     """A baseline (fine-tuning, joint, PackNet, LwF, EWC) as a ``Learner``; data-parallel over ``mesh`` if given."""
     b = setup(cfg, scenario, mesh)
-    tests = [task.test for task in scenario.tasks]
+    placed = functools.cache(lambda: evaluation.place([task.test for task in scenario.tasks], cfg.eval_batch_size,
+                                                      mesh))
+    tests = (lambda: placed()) if cfg.method == "packnet" else (lambda: [task.test for task in scenario.tasks])
     return Learner(name=cfg.method, rules=b.rules, init_state=lambda key: init_state(b, key),
                    learn_task=lambda state, t, key, **kw: learn_task(b, state, t, key, **kw),
-                   evaluate=lambda state, seen: evaluate(b, state, tests, seen),
+                   evaluate=lambda state, seen: evaluate(b, state, tests(), seen),
                    param_counts=lambda state: {"model": models.param_count(state["params"])},
                    report=(lambda state, infos: evaluation.inference_report(
                        state["inference"], task_inference.SUBNET_RULES, infos)) if cfg.method == "packnet" else None,

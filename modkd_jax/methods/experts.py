@@ -468,10 +468,10 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     # task inference: the task's Gaussians (its training pixels only), the rule in use on the seen tasks' validation
     inference = task_inference.fit_task(cfg.inference, state["inference"], t, task.train.y, len(task.classes),
                                         x=np.asarray(task_inference.pixels(task.train.x)), key=k_km)
-    rule, choice = evaluation.choose_rule(cfg.inference, INFERENCE, ex.counts,
-                                          ({"params": params, "batch_stats": batch_stats}, router, inference),
-                                          [ex.scenario.tasks[j].val for j in range(t + 1)], t + 1,
-                                          cfg.eval_batch_size)
+    args = ({"params": params, "batch_stats": batch_stats}, router, inference)
+    rule, choice = evaluation.choose_rule(
+        cfg.inference, INFERENCE, lambda s: evaluation.counts_per_split(ex.counts, args, s, t + 1, cfg.eval_batch_size),
+        [ex.scenario.tasks[j].val for j in range(t + 1)])
     inference["rule"] = jnp.int32(rule)
     state = {"params": params, "batch_stats": batch_stats, "router": router,
              "counts": jnp.asarray(counts, jnp.float32), "active": jnp.asarray(active), "inference": inference}

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from modkd_jax import evaluation, losses, masks, models, parallel, routing, task_inference, training
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods import from_preset
+from modkd_jax.subnet_eval import SubnetEvaluator
 from modkd_jax.data.scenarios import Scenario
 
 PyTree = Any
@@ -166,12 +167,10 @@ class Mind:
     block_size: int
     steps: dict[str, Callable]
     txs: dict[str, Any]
-    subnet_counts: Callable
+    subnets: SubnetEvaluator  # every sub-network: test accuracies, the temperature and the rule on validation
     features: Callable
-    tau_counts: Callable
     teacher_counts: Callable
     student_counts: Callable
-    choice_counts: Callable | None  # every candidate rule, to choose the rule in use on validation (auto)
     val: evaluation.Placed  # every task's validation split, on the device once
     capacity: int  # rows of every task's device-resident training split (the largest task's)
     mesh: Mesh | None = None
@@ -224,30 +223,19 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
         "self_distill": training.make_step(distill, txs["distill"],
                                            training.augmenting(**aug, teacher=self_teacher_logits)),
     }
-    ti = cfg.inference
-    ti.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
-    candidates = ti.candidates(task_inference.SUBNET_RULES)
-    strategy = cfg.eval_strategy
-    counts = (evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds,
-                                            rules=ti.reported(task_inference.SUBNET_RULES), in_use=candidates,
-                                            strategy=strategy),
-              evaluation.make_subnet_features(student.apply, mean, std),
-              evaluation.make_tau_counts(student.apply, T, k, mean, std, strategy),
+    cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
+    subnets = SubnetEvaluator(student.apply, T, k, mean, std, kinds, cfg.eval_batch_size, cfg.eval_strategy, mesh)
+    counts = (evaluation.make_subnet_features(student.apply, mean, std),
               evaluation.make_block_counts(teacher.apply, k, mean, std),
-              evaluation.make_block_counts(student.apply, k, mean, std),
-              evaluation.make_subnet_counts(student.apply, T, k, mean, std, kinds, rules=candidates, in_use=(),
-                                            strategy=strategy) if ti.task_inference == "auto" else None)
+              evaluation.make_block_counts(student.apply, k, mean, std))
     if mesh is not None:  # the same functions, with sharding annotations (parallel.data_parallel)
         steps = {name: parallel.data_parallel(step, mesh) for name, step in steps.items()}
-        counts = (parallel.data_parallel(counts[0], mesh, batch_argnums=(4, 5, 6), donate_argnums=()),
-                  parallel.data_parallel(counts[1], mesh, batch_argnums=(3,), donate_argnums=()),
-                  parallel.data_parallel(counts[2], mesh, batch_argnums=(3, 4, 5), donate_argnums=()),
-                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[3:5]),
-                  None if counts[5] is None else parallel.data_parallel(counts[5], mesh, batch_argnums=(4, 5, 6),
-                                                                        donate_argnums=()))
+        counts = (parallel.data_parallel(counts[0], mesh, batch_argnums=(3,), donate_argnums=()),
+                  *(parallel.data_parallel(c, mesh, batch_argnums=(1, 2, 3), donate_argnums=()) for c in counts[1:]))
     val = evaluation.place([task.val for task in scenario.tasks], cfg.eval_batch_size, mesh)
     capacity = max(len(task.train.y) for task in scenario.tasks)
-    return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, *counts, val=val, capacity=capacity, mesh=mesh)
+    return Mind(cfg, scenario, student, teacher, kinds, k, steps, txs, subnets, *counts, val=val, capacity=capacity,
+                mesh=mesh)
 
 
 def init_state(mind: Mind, key: jax.Array) -> PyTree:
@@ -328,16 +316,15 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
                                     Context(t_arr, fwd, trn, teacher_vars), k_phase2, log, progress)
     tau = state["tau"]
     if cfg.temperature is None:  # choose tau on the seen tasks' validation splits (never the test split)
-        chosen, val_cil = evaluation.choose_tau(mind.tau_counts, (params, batch_stats, owner),
-                                                mind.val.take(range(t + 1)), t + 1, cfg.eval_batch_size,
-                                                cfg.tau_grid)
+        chosen, val_cil = mind.subnets.choose_tau((params, batch_stats, owner, state["inference"]),
+                                                  mind.val.take(range(t + 1)), t + 1, cfg.tau_grid)
         tau = jnp.float32(chosen)
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
     # the task's inference statistics (its training data only), then the rule in use on the seen tasks' validation
     inference, info["task_inference"] = evaluation.update_subnet_inference(
         cfg.inference, state["inference"], mind.scenario, t, train, mind.val.take(range(t + 1)), mind.features,
-        mind.choice_counts, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, extra=(tau,))
+        mind.subnets, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, tau)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau, "inference": inference}
     student_vars = {"params": masks.gate(params, fwd), "batch_stats": batch_stats}
     info["student_val_til_acc"] = evaluation.block_accuracy(mind.student_counts, student_vars, val, t,
@@ -352,10 +339,13 @@ def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dic
 
     ``max_prob``, ``entropy`` and ``top2_entropy`` read ``softmax(z / tau)`` at the state's inference temperature.
     """
-    return evaluation.accuracies(mind.subnet_counts,
-                                 (state["params"], state["batch_stats"], state["owner"], state["inference"]),
-                                 splits, seen, mind.cfg.eval_batch_size, task_ids,
-                                 extra=(jnp.float32(float(state["tau"])),))
+    ti = mind.cfg.inference
+    if not isinstance(splits, evaluation.Placed):
+        splits = evaluation.place(splits, mind.cfg.eval_batch_size, mind.mesh)
+    return mind.subnets.accuracies((state["params"], state["batch_stats"], state["owner"], state["inference"]),
+                                   splits, seen, rules=ti.reported(task_inference.SUBNET_RULES),
+                                   in_use=ti.candidates(task_inference.SUBNET_RULES), tau=float(state["tau"]),
+                                   task_ids=task_ids)
 
 
 def describe(info: dict) -> str:

@@ -125,7 +125,7 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
             R[rule][..., t, :] = row
         info["seconds"] = time.perf_counter() - t0
         info["compiles"] = diagnostics.backend_compiles() - compiles  # 0 after the first task: nothing recompiles
-        info = json.loads(json.dumps(rundir._jsonable(info)))  # as a resumed run reads it back (NaN: null)
+        info = json.loads(json.dumps(rundir.jsonable(info)))  # as a resumed run reads it back (NaN: null)
         seconds.append(info["seconds"])
         infos.append(info)
         averages = {rule: _per_lead(R[rule], lambda m: metrics.average_accuracy(m, t)) for rule in learner.rules}
@@ -137,7 +137,7 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
         echo(f"task {t + 1}/{T} {learner.tasks[t]}: {heads}{extra}  {info['seconds']:.1f}s")
         if mngr is not None:
             checkpoint.save(mngr, t + 1, {"state": state, "rng": checkpoint.key_to_array(task_key)},
-                            rundir._jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}),
+                            rundir.jsonable({"next_task": t + 1, "seconds": seconds, "infos": infos, "R": R}),
                             mesh=checkpoint_mesh(learner))
     if R is None:  # nothing learnt yet (stop_after=0): empty matrices
         R = _blank(learner, learner.evaluate(state, 1))

@@ -184,15 +184,6 @@ def assign(
     return jax.tree.unflatten(treedef, out)
 
 
-def release(owner: PyTree, kinds: PyTree, task: int) -> PyTree:
-    """Free again the gated weights of ``task`` (used to retry a selection)."""
-    return jax.tree.map(
-        lambda o, kind: jnp.where(o == task, FREE, o).astype(OWNER_DTYPE) if kind == GATED else o,
-        owner,
-        kinds,
-    )
-
-
 def free_fraction(owner: PyTree, kinds: PyTree) -> dict[str, float]:
     """Capacity left: the fraction of free weights of each gated layer, keyed by its path."""
     out = {}

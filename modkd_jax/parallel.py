@@ -81,9 +81,7 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
 
 def distributed_running() -> bool:
     """Whether this process started JAX's multi-process runtime (``jax.distributed.initialize``)."""
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
+    return jax.distributed.is_initialized()
 
 
 def peer_failure(exc: BaseException) -> str | None:

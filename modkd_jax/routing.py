@@ -95,7 +95,7 @@ def predictions(probs: jax.Array, true_task, seen) -> dict[str, tuple[jax.Array,
     out = {}
     for rule, task in (("til", jnp.full(probs.shape[1], true_task)),
                        ("cil", max_prob_task(probs, seen)),
-                       ("cil_entropy", entropy_top2_task(probs, seen))):
+                       ("cil_top2_entropy", entropy_top2_task(probs, seen))):
         out[rule] = (task, jnp.argmax(probs[task, batch], axis=-1))
     return out
 

@@ -18,13 +18,14 @@ class RunDirError(RuntimeError):
     """The workdir holds something this run must not overwrite."""
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON values: arrays and tuples as lists, NumPy scalars as Python ones, NaN / inf as null."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
-        return _jsonable(np.asarray(x).tolist())
+        return jsonable(np.asarray(x).tolist())
     if isinstance(x, (np.floating, float)):
         return None if not np.isfinite(x) else float(x)
     if isinstance(x, np.integer):
@@ -36,7 +37,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as JSON atomically (NaN becomes null)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -44,7 +45,7 @@ def open_run(workdir: str | os.PathLike, config: dict) -> Path:
     """Create ``workdir`` with ``config.json``, or check that an existing run has the same config."""
     workdir = Path(workdir)
     cfg_path = workdir / "config.json"
-    config = _jsonable(config)
+    config = jsonable(config)
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
@@ -65,7 +66,7 @@ def open_run(workdir: str | os.PathLike, config: dict) -> Path:
 def log_metrics(workdir: Path, record: dict) -> None:
     """Append one JSON line to ``metrics.jsonl``."""
     with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+        f.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
 
 
 def truncate_metrics(workdir: Path, before_task: int) -> None:

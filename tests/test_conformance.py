@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -114,19 +113,16 @@ MIND_CLI = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "5"
 
 
 def test_killed_between_tasks_resumes_to_the_uninterrupted_matrices(tmp_path):
-    """SIGKILL after task 1's checkpoint (no clean shutdown), then the same command: same matrices as one go."""
+    """SIGKILL right after task 1's checkpoint (no clean shutdown; the process kills itself there,
+    tests/killed_run.py, so no timing decides where), then the same command: same matrices as one go."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, *MIND_CLI, "--workdir", str(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = tmp_path / "killed" / "checkpoints" / "1"
-    deadline = time.time() + 600
-    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.is_dir(), "no checkpoint was written"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "checkpoints" / "5").exists()  # it really died before the end
+    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_run.py")), *MIND_CLI[2:],
+                             "--workdir", str(tmp_path / "killed")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "1").is_dir(), "no checkpoint was written"
+    assert not (tmp_path / "killed" / "checkpoints" / "2").exists()  # it died right after task 1
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout
@@ -163,3 +159,21 @@ def test_four_device_mesh_gives_the_one_device_matrices_for_every_mesh_method():
                          text=True, timeout=900)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("4 devices = 1 device") == 2 + len(baselines.METHODS)
+
+
+def test_presets_hold_only_known_settings():
+    """Every preset builds its config; a key that is neither a field nor a run setting is refused, not dropped."""
+    from modkd_jax.methods import dkt, experts, from_preset
+
+    for dataset in mind.PRESETS:
+        mind.preset_config(dataset)
+    for dataset in experts.PRESETS:
+        experts.preset_config(dataset)
+    for dataset in dkt.PRESETS:
+        from_preset(dkt.DKTConfig, dkt.PRESETS[dataset])
+    for dataset in ("mnist", "digits"):
+        from_preset(baselines.BaselineConfig, baselines.preset(dataset))
+    with pytest.raises(ValueError, match="unknown MindConfig setting.*epochz"):
+        from_preset(mind.MindConfig, {**mind.PRESETS["mnist"], "epochz": 3})
+    with pytest.raises(ValueError, match="unknown MindConfig setting.*distil_lr"):
+        mind.preset_config("mnist", distil_lr=0.1)

@@ -175,7 +175,6 @@ def test_later_tasks_compile_nothing():
     def task(owner, t):
         key = jax.random.fold_in(jax.random.key(1), t)
         owner = masks.assign(owner, kinds, t, 5, key=key)
-        owner = masks.assign(masks.release(owner, kinds, t), kinds, t, 5, policy="magnitude", weights=weights)
         params = masks.reinit_assigned(weights, owner, kinds, t, "zero")
         jax.block_until_ready(params)
         masks.capacity_left(owner, kinds), masks.free_fraction(owner, kinds)

@@ -282,11 +282,6 @@ def _check_given_folder(builder, name: str, flag: str, given, manual_dir: Path) 
                                    f"{manual_dir}); {fix}")
 
 
-def clear_cache() -> None:
-    """Forget datasets loaded in this process (tests, or to free memory)."""
-    _load_cached.cache_clear()
-
-
 def normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, std) of the training images in [0, 1] units, for input standardisation."""
     _check_name(name)

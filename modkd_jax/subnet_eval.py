@@ -28,15 +28,15 @@ from modkd_jax.data import batching
 from modkd_jax.evaluation import Placed
 
 PyTree = Any
-LOGITS = "logits"
-STAT_OUTPUTS = ("gauss_input", "gauss_own", "gauss_first", "prototype")  # one score per (task, example)
-JOINT = "entropy_grad"  # every sub-network at once: never kept
+LOGITS = task_inference.LOGITS  # the outputs kept: "logits", and one score per (task, example) of each rule
+STAT_OUTPUTS = task_inference.STAT_RULES  # that reads statistics (the registry's "stats" rules)
+JOINT = next(r for r in task_inference.RULES if task_inference.REGISTRY[r].reads == task_inference.JOINT)
 KEPT_SPLITS = 256  # splits whose outputs are kept (least recently used dropped first)
 
 
 def output_of(rule: str) -> str:
-    """The cached output a rule reads: the logits, or its own per-task score."""
-    return rule if rule in STAT_OUTPUTS or rule == JOINT else LOGITS
+    """The output a rule reads (``task_inference.REGISTRY``): the logits, or its own per-task score."""
+    return LOGITS if task_inference.REGISTRY[rule].reads == task_inference.LOGITS else rule
 
 
 def _outputs(rules: Iterable[str]) -> tuple[str, ...]:
@@ -142,9 +142,9 @@ class SubnetEvaluator:
 
         def score(name, t, h):
             stats = jax.tree.map(lambda v: v[t], inference[name])
+            space = {"pixels": pix, "own": h, "first": first}[task_inference.REGISTRY[name].space]
             if name == "prototype":
-                return routing.prototype_scores(pix, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
-            space = {"gauss_input": pix, "gauss_own": h, "gauss_first": first}[name]
+                return routing.prototype_scores(space, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
             return gaussians.task_log_likelihood(stats, space)
 
         def one(t, w):

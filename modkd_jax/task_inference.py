@@ -38,9 +38,39 @@ import numpy as np
 from modkd_jax import gaussians, masks, routing
 
 PyTree = Any
-LOGIT_RULES = ("max_prob", "top2_entropy", "energy", "entropy")
-GAUSS_RULES = ("gauss_input", "gauss_own", "gauss_first")
-RULES = LOGIT_RULES + ("entropy_grad",) + GAUSS_RULES + ("prototype",)
+LOGITS, STATS, JOINT = "logits", "stats", "joint"  # what a rule reads (``Rule.reads``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One task-inference rule of the registry: its name, what it reads and, for statistics, in what space.
+
+    ``reads``: ``"logits"`` (every sub-network's class-block logits), ``"stats"`` (statistics kept per task,
+    scored task by task) or ``"joint"`` (every seen sub-network at once). ``space``: the statistics' input,
+    ``"pixels"``, ``"own"`` (the task's own sub-network's features) or ``"first"`` (sub-network 0's features).
+    """
+
+    name: str
+    reads: str
+    space: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """Its results keys: class-incremental accuracy and task identification (``cil_<name>``, ``task_id_<name>``)."""
+        return f"cil_{self.name}", f"task_id_{self.name}"
+
+
+# The registry: the only source of rule names (and, through ``Rule.keys``, of their results keys).
+REGISTRY = {r.name: r for r in (
+    Rule("max_prob", LOGITS), Rule("top2_entropy", LOGITS), Rule("energy", LOGITS), Rule("entropy", LOGITS),
+    Rule("entropy_grad", JOINT),
+    Rule("gauss_input", STATS, "pixels"), Rule("gauss_own", STATS, "own"), Rule("gauss_first", STATS, "first"),
+    Rule("prototype", STATS, "pixels"),
+)}
+RULES = tuple(REGISTRY)
+LOGIT_RULES = tuple(r for r in RULES if REGISTRY[r].reads == LOGITS)
+STAT_RULES = tuple(r for r in RULES if REGISTRY[r].reads == STATS)
+GAUSS_RULES = tuple(r for r in STAT_RULES if r.startswith("gauss_"))
 SUBNET_RULES = RULES  # sub-networks of an owner map (MIND, PackNet): every rule
 REPORTS = ("used", "all")
 
@@ -148,11 +178,12 @@ def fit_task(cfg: InferenceConfig, stats: PyTree, t, y: jax.Array, classes: int,
     """
     key = jax.random.key(t) if key is None else key
     valid = jnp.ones(y.shape, bool) if valid is None else valid
-    source = {"gauss_input": x, "gauss_own": own, "gauss_first": first}
+    source = {"pixels": x, "own": own, "first": first}
     out = dict(stats)
     for rule in GAUSS_RULES:
         if rule in stats:
-            fitted = gaussians.fit(source[rule], y, classes, valid=valid, key=key, **_gauss_kwargs(cfg))
+            fitted = gaussians.fit(source[REGISTRY[rule].space], y, classes, valid=valid, key=key,
+                                   **_gauss_kwargs(cfg))
             out[rule] = {k: v.at[t].set(fitted[k]) for k, v in stats[rule].items()}
     if "prototype" in stats:
         z = routing.l2_normalize(x.reshape(x.shape[0], -1).astype(jnp.float32))
@@ -245,12 +276,12 @@ def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, f
         return -routing.entropy(jax.nn.softmax(logits / tau, axis=-1))
     if rule == "entropy_grad":
         return -grad.T
-    if rule == "gauss_input":
-        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, x), stats[rule], seen, logits)
-    if rule == "gauss_own":
+    space = REGISTRY[rule].space
+    if rule in GAUSS_RULES and space == "own":  # every task in its own sub-network's features
         return _on_tasks(gaussians.task_log_likelihood, stats[rule], seen, features)
-    if rule == "gauss_first":
-        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, features[0]), stats[rule], seen, logits)
+    if rule in GAUSS_RULES:  # one space for every task
+        z = x if space == "pixels" else features[0]
+        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, z), stats[rule], seen, logits)
     if rule == "prototype":
         T, K, d = stats[rule].shape
         member = jnp.repeat(jnp.eye(T, dtype=bool), K, axis=1)
@@ -313,11 +344,12 @@ def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid
     """
     out = {}
     for rule, task in tasks.items():
-        out[f"cil_{rule}"], out[f"task_id_{rule}"] = correct_counts(task, cls, y, valid, true_task)
+        cil, task_id = REGISTRY[rule].keys
+        out[cil], out[task_id] = correct_counts(task, cls, y, valid, true_task)
     if chosen is not None:
-        names = tuple(tasks)
-        out["cil"] = jnp.stack([out[f"cil_{r}"] for r in names])[chosen]
-        out["task_id"] = jnp.stack([out[f"task_id_{r}"] for r in names])[chosen]
+        keys = [REGISTRY[r].keys for r in tasks]
+        out["cil"] = jnp.stack([out[c] for c, _ in keys])[chosen]
+        out["task_id"] = jnp.stack([out[i] for _, i in keys])[chosen]
     return out
 
 
@@ -330,4 +362,4 @@ def choose(task_id: dict[str, float], rules: tuple[str, ...]) -> str:
 def result_rules(rules: Iterable[str]) -> tuple[str, ...]:
     """The accuracy rules a method with these inference rules reports (what ``rule_counts`` returns)."""
     rules = tuple(rules)
-    return ("cil", "task_id") + tuple(f"cil_{r}" for r in rules) + tuple(f"task_id_{r}" for r in rules)
+    return ("cil", "task_id") + tuple(REGISTRY[r].keys[0] for r in rules) + tuple(REGISTRY[r].keys[1] for r in rules)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "digits")
-TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+MANUAL_DATASETS = ("tinyimagenet", "core50", "synbols")  # our TFDS builders (data/archives.py): manual folder only
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", *MANUAL_DATASETS, "digits")
+TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", *MANUAL_DATASETS)
 
 _REPO_DIR = Path(__file__).resolve().parents[2]
 _SHARED_DATA_DIR = _REPO_DIR.parent / "shared" / "data"
@@ -39,6 +40,12 @@ _NORMALIZATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     # Computed from the digits training split below (tests check it).
     "digits": ((0.3046,), (0.3760,)),
+    # The MIND reference's (utils/transforms.py): ImageNet's for TinyImageNet, its own for CORe50 and Synbols.
+    "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "core50": ((0.5998523831367493, 0.5575963854789734, 0.5395311713218689),
+               (0.20457075536251068, 0.2166813313961029, 0.22945666313171387)),
+    "synbols": ((0.47957573372395784, 0.4786930207950382, 0.4795725401730997),
+                (0.2840923785401597, 0.28447272496390646, 0.28412646131981306)),
 }
 
 
@@ -123,6 +130,8 @@ def _archive_names(builder) -> list[str]:
 
 def _missing_archives(builder, manual_dir: Path | None) -> list[str]:
     """Archives of the builder not present in `manual_dir` (all of them when there is none)."""
+    if hasattr(builder, "missing_in"):  # our manual-only builders say what they need
+        return builder.missing_in(manual_dir)
     names = _archive_names(builder)
     if manual_dir is None or not manual_dir.is_dir():
         return names
@@ -174,6 +183,9 @@ def _check_obtainable(builder, name: str, manual_dir: Path | None, tfds_dir: Pat
             where = f"{', '.join(missing)} missing from {manual_dir}"
         else:
             where = f"no archives in {manual_dir}"
+        if hasattr(builder, "missing_in"):  # never downloaded: say what to put where
+            raise DataUnavailableError(f"{name} is not prepared in {tfds_dir} and {where}: "
+                                       f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         if os.environ.get("MODKD_ALLOW_DOWNLOAD", "1") == "0":
             raise _unavailable(name, tfds_dir, f"{where} and MODKD_ALLOW_DOWNLOAD=0")
         if not _network_reachable(builder):
@@ -217,17 +229,27 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images).astype(np.uint8, copy=False), np.concatenate(labels).astype(np.int32)
 
 
+def _builder(name: str, tfds_dir: Path):
+    """The TFDS builder of ``name``: TFDS's own, or ours for the manual-only datasets (``archives``)."""
+    tfds = _tfds()
+    if name in MANUAL_DATASETS:
+        from modkd_jax.data import archives
+
+        return archives.BUILDERS[name](data_dir=str(tfds_dir))
+    return tfds.builder(name, data_dir=str(tfds_dir))
+
+
 def _load_tfds(name: str, manual_dir: Path | None, tfds_dir: Path) -> Dataset:
     """Prepare (if needed) and read a TFDS image-classification dataset."""
     tfds = _tfds()
-    builder = tfds.builder(name, data_dir=str(tfds_dir))
+    builder = _builder(name, tfds_dir)
     if not _tfds_is_mocked(tfds) and not _is_prepared(builder):
         _check_obtainable(builder, name, manual_dir, tfds_dir)
         with _build_lock(tfds_dir, name):
-            builder = tfds.builder(name, data_dir=str(tfds_dir))
+            builder = _builder(name, tfds_dir)
             if not _is_prepared(builder):
                 _prepare(builder, name, manual_dir, tfds_dir)
-                builder = tfds.builder(name, data_dir=str(tfds_dir))
+                builder = _builder(name, tfds_dir)
     train_x, train_y = _read_split(builder, "train")
     test_x, test_y = _read_split(builder, "test")
     num_classes = int(builder.info.features["label"].num_classes)
@@ -266,7 +288,7 @@ def load(name: str, data_dir: str | None = None, tfds_dir: str | None = None) ->
         return _load_tfds(name, manual_dir, resolved_tfds_dir)
     if data_dir or os.environ.get("MODKD_DATA_DIR"):  # checked even when a prepared copy exists: never ignored
         flag, given = ("--data_dir", data_dir) if data_dir else ("MODKD_DATA_DIR", os.environ["MODKD_DATA_DIR"])
-        _check_given_folder(tfds.builder(name, data_dir=str(resolved_tfds_dir)), name, flag, given, manual_dir)
+        _check_given_folder(_builder(name, resolved_tfds_dir), name, flag, given, manual_dir)
     return _load_cached(name, manual_dir, resolved_tfds_dir)
 
 

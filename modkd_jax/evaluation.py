@@ -287,9 +287,10 @@ def _fit_subnet_statistics(cfg: task_inference.InferenceConfig, inference, scena
     x, y = jnp.asarray(train.x), jnp.asarray(train.y)
     valid = jnp.arange(x.shape[0]) < len(train)
     kwargs = {"x": task_inference.pixels(x)}
-    if "gauss_own" in inference:
+    spaces = {task_inference.REGISTRY[r].space for r in task_inference.STAT_RULES if r in inference}
+    if "own" in spaces:
         kwargs["own"] = features_of(features, args, x, t, batch_size)
-    if "gauss_first" in inference:
+    if "first" in spaces:
         kwargs["first"] = features_of(features, args, x, 0, batch_size)
     return task_inference.fit_task(cfg, inference, t, y, len(scenario.tasks[t].classes), valid=valid, key=key,
                                    **kwargs)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import gaussians, masks, parallel, routing, task_inference
+from modkd_jax import masks, parallel, routing, task_inference
 from modkd_jax.data import batching
 from modkd_jax.evaluation import Placed
 
@@ -116,7 +116,8 @@ class SubnetEvaluator:
         for name in STAT_OUTPUTS:
             if name in inference:
                 stats = jax.vmap(lambda t, n=name: _hash(jax.tree.map(lambda v: v[t], inference[n])))(jnp.arange(T))
-                base = {"gauss_own": nets, "gauss_first": jnp.broadcast_to(nets[0], (T,))}.get(name, jnp.uint32(0))
+                space = task_inference.REGISTRY[name].space
+                base = {"own": nets, "first": jnp.broadcast_to(nets[0], (T,))}.get(space, jnp.uint32(0))
                 out[name] = stats * jnp.uint32(0x01000193) + base
         return out
 
@@ -137,19 +138,21 @@ class SubnetEvaluator:
         shape = jax.eval_shape(net, 0)
         none = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
         first = None
-        if "gauss_first" in names:  # one fixed space: sub-network 0's features
-            first = jax.lax.cond(jnp.any(wanted["gauss_first"]), lambda: net(0)[1], lambda: none(shape[1]))
+        on_first = [n for n in names if n in STAT_OUTPUTS and task_inference.REGISTRY[n].space == "first"]
+        if on_first:  # one fixed space: sub-network 0's features
+            want = jnp.any(jnp.stack([wanted[n] for n in on_first]))
+            first = jax.lax.cond(want, lambda: net(0)[1], lambda: none(shape[1]))
 
         def score(name, t, h):
-            stats = jax.tree.map(lambda v: v[t], inference[name])
             space = {"pixels": pix, "own": h, "first": first}[task_inference.REGISTRY[name].space]
-            if name == "prototype":
-                return routing.prototype_scores(space, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
-            return gaussians.task_log_likelihood(stats, space)
+            return task_inference.task_score(name, jax.tree.map(lambda v: v[t], inference[name]), space)
 
         def one(t, w):
             cond = (lambda p, f, g: jax.lax.cond(p, f, g)) if self.strategy == "map" else (lambda p, f, g: f())
-            need_net = w[LOGITS] | w.get("gauss_own", False)
+            need_net = w[LOGITS]
+            for name in names:  # rules in the task's own features need its sub-network too
+                if name in STAT_OUTPUTS and task_inference.REGISTRY[name].space == "own":
+                    need_net = need_net | w[name]
             z, h = cond(need_net, lambda: net(t), lambda: jax.tree.map(none, shape))
             out = {LOGITS: z}
             for name in names:

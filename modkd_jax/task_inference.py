@@ -53,6 +53,7 @@ class Rule:
     name: str
     reads: str
     space: str | None = None
+    standardised: bool = False  # scores as z-scores of the task's log-likelihood on its own training data
 
     @property
     def keys(self) -> tuple[str, str]:
@@ -65,7 +66,7 @@ REGISTRY = {r.name: r for r in (
     Rule("max_prob", LOGITS), Rule("top2_entropy", LOGITS), Rule("energy", LOGITS), Rule("entropy", LOGITS),
     Rule("entropy_grad", JOINT),
     Rule("gauss_input", STATS, "pixels"), Rule("gauss_own", STATS, "own"), Rule("gauss_first", STATS, "first"),
-    Rule("prototype", STATS, "pixels"),
+    Rule("prototype", STATS, "pixels"), Rule("gauss_own_z", STATS, "own", standardised=True),
 )}
 RULES = tuple(REGISTRY)
 LOGIT_RULES = tuple(r for r in RULES if REGISTRY[r].reads == LOGITS)
@@ -149,8 +150,10 @@ def init_stats(cfg: InferenceConfig, rules: Iterable[str], task_count: int, clas
     out: dict[str, Any] = {"rule": jnp.int32(rules.index(cfg.task_inference) if cfg.task_inference in rules else 0)}
     for rule in rules if fitted is None else fitted:
         if rule in GAUSS_RULES:
-            dim = input_dim if rule == "gauss_input" else feature_dim
+            dim = input_dim if REGISTRY[rule].space == "pixels" else feature_dim
             one = gaussians.empty(classes, dim, **_gauss_kwargs(cfg))
+            if REGISTRY[rule].standardised:
+                one.update(ll_mean=np.float32(0.0), ll_std=np.float32(1.0))
             out[rule] = {k: jnp.asarray(np.stack([v] * task_count)) for k, v in one.items()}
         elif rule == "prototype":
             out[rule] = jnp.zeros((task_count, cfg.prototypes, input_dim), jnp.float32)
@@ -179,16 +182,49 @@ def fit_task(cfg: InferenceConfig, stats: PyTree, t, y: jax.Array, classes: int,
     key = jax.random.key(t) if key is None else key
     valid = jnp.ones(y.shape, bool) if valid is None else valid
     source = {"pixels": x, "own": own, "first": first}
-    out = dict(stats)
+    out, by_space = dict(stats), {}
     for rule in GAUSS_RULES:
         if rule in stats:
-            fitted = gaussians.fit(source[REGISTRY[rule].space], y, classes, valid=valid, key=key,
-                                   **_gauss_kwargs(cfg))
+            space = source[REGISTRY[rule].space]
+            if REGISTRY[rule].space not in by_space:  # rules in one space share one fit
+                by_space[REGISTRY[rule].space] = gaussians.fit(space, y, classes, valid=valid, key=key,
+                                                               **_gauss_kwargs(cfg))
+            fitted = dict(by_space[REGISTRY[rule].space])
+            if REGISTRY[rule].standardised:
+                fitted.update(_standardiser(fitted, space, valid))
             out[rule] = {k: v.at[t].set(fitted[k]) for k, v in stats[rule].items()}
     if "prototype" in stats:
         z = routing.l2_normalize(x.reshape(x.shape[0], -1).astype(jnp.float32))
         out["prototype"] = stats["prototype"].at[t].set(routing.spherical_kmeans(key, z, cfg.prototypes, valid=valid))
     return out
+
+
+STANDARDISER_CHUNK = 1024  # rows scored at once while standardising (the scores hold chunk x Gaussians x dims)
+
+
+def _standardiser(stats: dict, z: jax.Array, valid: jax.Array) -> dict:
+    """``{"ll_mean", "ll_std"}``: mean and spread of the task's log-likelihood on its own (valid) training rows,
+    so that its scores, in a space of its own, become comparable with other tasks' (``task_score``)."""
+    n = z.shape[0]
+    pad = -n % STANDARDISER_CHUNK
+    rows = jnp.concatenate([z, jnp.zeros((pad, *z.shape[1:]), z.dtype)]).reshape(-1, STANDARDISER_CHUNK, *z.shape[1:])
+    ll = jax.lax.map(lambda c: gaussians.task_log_likelihood(stats, c), rows).reshape(-1)[:n]
+    w = valid.astype(jnp.float32)
+    mean = jnp.sum(w * ll) / jnp.maximum(jnp.sum(w), 1.0)
+    std = jnp.sqrt(jnp.sum(w * (ll - mean) ** 2) / jnp.maximum(jnp.sum(w) - 1.0, 1.0))
+    return {"ll_mean": mean, "ll_std": jnp.maximum(std, 1e-6)}
+
+
+def task_score(rule: str, stats: dict, z: jax.Array) -> jax.Array:
+    """How much each row of ``z`` (the rule's space) looks like one task under the task's statistics: ``(B,)``.
+
+    Gaussian rules: ``log p(z | task)``, standardised by the task's own spread for ``standardised`` rules;
+    ``prototype``: the best cosine to the task's centroids.
+    """
+    if rule == "prototype":
+        return routing.prototype_scores(z, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
+    ll = gaussians.task_log_likelihood(stats, z)
+    return (ll - stats["ll_mean"]) / stats["ll_std"] if REGISTRY[rule].standardised else ll
 
 
 def bytes_per_task(stats: PyTree, rules: Iterable[str]) -> dict[str, int]:
@@ -278,10 +314,10 @@ def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, f
         return -grad.T
     space = REGISTRY[rule].space
     if rule in GAUSS_RULES and space == "own":  # every task in its own sub-network's features
-        return _on_tasks(gaussians.task_log_likelihood, stats[rule], seen, features)
+        return _on_tasks(lambda s, f: task_score(rule, s, f), stats[rule], seen, features)
     if rule in GAUSS_RULES:  # one space for every task
         z = x if space == "pixels" else features[0]
-        return _on_tasks(lambda s, _: gaussians.task_log_likelihood(s, z), stats[rule], seen, logits)
+        return _on_tasks(lambda s, _: task_score(rule, s, z), stats[rule], seen, logits)
     if rule == "prototype":
         T, K, d = stats[rule].shape
         member = jnp.repeat(jnp.eye(T, dtype=bool), K, axis=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,13 @@ def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
         yield xb, yb, valid
+
+
+class CountsFn(Protocol):
+    """A method's counts function for ``accuracies``: ``(*args, x, y, valid, true_task, seen, *extra) ->
+    {rule: correct count}`` on one fixed-size batch (``valid`` marks its real rows), jitted."""
+
+    def __call__(self, *args: Any) -> dict[str, jax.Array]: ...
 
 
 def batch_size_for(counts: Callable, batch_size: int) -> int:
@@ -120,7 +127,7 @@ def _looped(counts: Callable, batch_size: int) -> Callable:
     return parallel.data_parallel(run, mesh, batch_argnums=(), donate_argnums=())
 
 
-def counts_per_split(counts: Callable, args: tuple, splits, seen: int, batch_size: int,
+def counts_per_split(counts: CountsFn, args: tuple, splits, seen: int, batch_size: int,
                      task_ids: Iterable[int] | None = None, extra: tuple = ()) -> list[tuple[dict, int]]:
     """``[(summed counts, examples)]`` per split; split ``i`` belongs to task ``task_ids[i]`` (default ``i``).
 
@@ -149,7 +156,7 @@ def counts_per_split(counts: Callable, args: tuple, splits, seen: int, batch_siz
     return out
 
 
-def accuracies(counts: Callable, args: tuple, splits, seen: int, batch_size: int,
+def accuracies(counts: CountsFn, args: tuple, splits, seen: int, batch_size: int,
                task_ids: Iterable[int] | None = None, extra: tuple = ()) -> dict[str, np.ndarray]:
     """Accuracy of every rule ``counts`` returns on each split: ``{rule: array of len(splits)}`` (NaN if empty).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,26 @@ class Inputs(NamedTuple):
     valid: jax.Array | None = None
 
 
+class LossFn(Protocol):
+    """A method's loss for ``make_step``: ``(params, batch_stats, inputs, ctx) -> (loss, (batch_stats, metrics))``.
+
+    ``inputs`` is what ``PrepareFn`` made of the batch; ``ctx`` the method's context (a NamedTuple of arrays);
+    the new batch statistics and a dict of scalar metrics come back beside the scalar loss (differentiated).
+    """
+
+    def __call__(self, params: PyTree, batch_stats: PyTree, inputs: "Inputs", ctx: Any
+                 ) -> tuple[jax.Array, tuple[PyTree, dict[str, jax.Array]]]: ...
+
+
+class PrepareFn(Protocol):
+    """What ``make_step`` computes outside the gradient: ``(batch, key, ctx) -> Inputs`` (augmentation,
+    standardisation, a frozen teacher's logits)."""
+
+    def __call__(self, batch: "Batch", key: jax.Array, ctx: Any) -> "Inputs": ...
+
+
 def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
-               teacher: Callable | None = None) -> Callable:
+               teacher: Callable | None = None) -> PrepareFn:
     """A ``prepare`` for ``make_step``: augment and standardise ``batch.x``; ``teacher(ctx, x)`` logits if given.
 
     The teacher's logits are computed outside the gradient (stop-gradient).
@@ -100,7 +118,7 @@ def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
     return prepare
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformationExtraArgs, prepare: Callable | None = None,
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformationExtraArgs, prepare: PrepareFn | None = None,
               jit: bool = True) -> Callable:
     """The one train step: ``step(carry, batch, key, ctx) -> (carry, metrics)``, jitted with ``carry`` donated.
 

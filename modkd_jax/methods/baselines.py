@@ -45,13 +45,14 @@ from modkd_jax import evaluation, losses, masks, models, parallel, task_inferenc
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
-from modkd_jax.methods.mind import PRESETS, block_size_of, make_loss, preset_config
+from modkd_jax.methods.kit import (block_size_of, build, check_batch_split, make_loss, norm_of, subnet_accuracies,
+                                   subnet_inference_stats, train_phase)
+from modkd_jax.methods.mind import PRESETS, preset_config
 from modkd_jax.subnet_eval import SubnetEvaluator
 
 PyTree = Any
 
 METHODS = ("finetune", "joint", "packnet", "lwf", "ewc")
-SINGLE_HEAD = ("finetune", "joint", "lwf", "ewc")
 HEADS = ("seen", "task")
 
 
@@ -229,23 +230,16 @@ def make_head_counts(apply_fn: Callable, block_size: int, mean, std):
 # Set-up, state, one task, evaluation
 
 
-def _build(cfg: BaselineConfig, num_outputs: int, num_tasks: int):
-    kwargs = {"hidden": tuple(cfg.hidden)} if cfg.arch == "mlp" else {}
-    return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
-
-
 def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Baseline:
     """Network, compiled step and counts function for ``cfg`` on ``scenario``; data-parallel over ``mesh``."""
     k = block_size_of(scenario)
-    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
-        raise ValueError(f"batch size {cfg.batch_size} does not split over {mesh.shape['data']} devices; "
-                         f"use a multiple of {mesh.shape['data']}")
+    check_batch_split(cfg.batch_size, mesh)
     T = scenario.task_count
-    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
+    mean, std = norm_of(scenario)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     features = subnets = val = None
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
-        model = _build(cfg, k * T, T)
+        model = build(cfg, k * T, T)
         apply_fn = model.apply
         cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
         step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
@@ -256,7 +250,7 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
         features = evaluation.make_subnet_features(apply_fn, mean, std)
         fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
-        model = _build(cfg, k * T, 1)
+        model = build(cfg, k * T, 1)
         apply_fn = _single_head_apply(model)
         teacher = (lambda ctx, x: apply_fn(ctx.old, x, ctx.task, train=False)) if cfg.method == "lwf" else None
         step = training.make_step(make_head_loss(apply_fn, cfg, k, global_labels=cfg.method == "joint"), tx,
@@ -284,11 +278,7 @@ def init_state(b: Baseline, key: jax.Array) -> PyTree:
     state = {"params": params, "batch_stats": batch_stats}
     if b.cfg.method == "packnet":
         state["owner"] = masks.init_owners(params, b.kinds, (b.block_size,) * b.task_count)
-        ti = b.cfg.inference
-        state["inference"] = task_inference.init_stats(ti, ti.candidates(task_inference.SUBNET_RULES), b.task_count,
-                                                       b.block_size, int(np.prod(b.scenario.input_shape)),
-                                                       models.feature_dim(b.model, b.scenario.input_shape),
-                                                       fitted=ti.fitted(task_inference.SUBNET_RULES))
+        state["inference"] = subnet_inference_stats(b.cfg.inference, b.model, b.scenario, b.block_size)
     if b.cfg.method == "ewc":
         state["fisher"] = jax.tree.map(jnp.zeros_like, params)
     return state
@@ -314,10 +304,9 @@ def _copy(tree: PyTree) -> PyTree:
 def _run(b: Baseline, name: str, t: int, params, batch_stats, split, ctx: Context, epochs: int, key, log,
          progress):
     """One training phase of task ``t``; returns the carry."""
-    tagged = None if log is None else (lambda m: log({"task": t, "phase": name, **m}))
     phase = training.Phase(epochs, b.cfg.batch_size, b.cfg.lr, b.cfg.lr_milestone)
-    return training.run_phase(b.step, (params, batch_stats, b.tx.init(params)), split, ctx, phase, key,
-                              desc=f"task {t} {name}", log=tagged, progress=progress)
+    return train_phase(b.step, b.tx, params, batch_stats, split, ctx, phase, key, task=t, name=name, log=log,
+                       progress=progress)
 
 
 def _prune_free(params: PyTree, owner: PyTree, kinds: PyTree) -> PyTree:
@@ -387,13 +376,8 @@ def learn_task(b: Baseline, state: PyTree, t: int, key: jax.Array, log: Callable
 def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> dict[str, np.ndarray]:
     """Accuracy per rule (til, cil[, task_id and every task-inference rule]) on ``splits`` of ``task_ids``."""
     if b.cfg.method == "packnet":
-        ti = b.cfg.inference
-        if not isinstance(splits, evaluation.Placed):
-            splits = evaluation.place(splits, b.cfg.eval_batch_size, b.subnets.mesh)
-        return b.subnets.accuracies((state["params"], state["batch_stats"], state["owner"], state["inference"]),
-                                    splits, seen, rules=ti.reported(task_inference.SUBNET_RULES),
-                                    in_use=ti.candidates(task_inference.SUBNET_RULES), tau=b.cfg.temperature,
-                                    task_ids=task_ids)
+        return subnet_accuracies(b.subnets, b.cfg.inference, state, splits, seen, b.cfg.temperature,
+                                 b.cfg.eval_batch_size, task_ids)
     return evaluation.accuracies(b.counts, ({"params": state["params"], "batch_stats": state["batch_stats"]},),
                                  splits, seen, b.cfg.eval_batch_size, task_ids)
 

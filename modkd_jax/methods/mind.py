@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,8 @@ from jax.sharding import Mesh
 from modkd_jax import evaluation, losses, masks, models, parallel, routing, task_inference, training
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods import from_preset
+from modkd_jax.methods.kit import (Context, block_size_of, build, check_batch_split, make_loss, norm_of,
+                                   subnet_accuracies, subnet_inference_stats, train_phase)
 from modkd_jax.subnet_eval import SubnetEvaluator
 from modkd_jax.data.scenarios import Scenario
 
@@ -115,46 +117,6 @@ def preset_config(dataset: str, **overrides) -> MindConfig:
     return from_preset(MindConfig, PRESETS[dataset], **overrides)
 
 
-def block_size_of(scenario: Scenario) -> int:
-    """The common class-block size; MIND's one compiled step needs equal blocks."""
-    sizes = set(scenario.block_sizes)
-    if len(sizes) != 1:
-        raise ValueError(f"MIND needs tasks with equally many classes, got block sizes {scenario.block_sizes}")
-    return sizes.pop()
-
-
-def _build(cfg: MindConfig, num_outputs: int, num_tasks: int):
-    kwargs = {"hidden": tuple(cfg.hidden)} if cfg.arch == "mlp" else {}
-    return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
-
-
-class Context(NamedTuple):
-    """What one MIND train step needs besides the batch: task id, masks, the frozen teacher."""
-
-    task: jax.Array  # int32 scalar
-    forward: PyTree  # weights that compute (bool per weight)
-    trainable: PyTree  # weights that are updated (the gate of ``optim.gated``)
-    teacher: PyTree = None  # frozen teacher variables (distillation phases)
-
-
-def make_loss(apply_fn: Callable, block_size: int, kind: str = "ce", beta: float = 0.0,
-              temperature: float = 1.0) -> Callable:
-    """CE on the task's class block, plus ``beta * losses.distillation(kind, ..., temperature)`` unless ``kind='ce'``."""
-
-    def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: Context):
-        valid = inputs.valid  # a padded batch: only its real rows count, in the loss and the batch statistics
-        kwargs = {} if valid is None else {"weights": valid}
-        logits, new = apply_fn({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats},
-                               inputs.x, ctx.task, train=True, mutable=["batch_stats"], **kwargs)
-        z = training.block(logits, ctx.task, block_size)
-        ce = losses.cross_entropy(z, inputs.y, valid)
-        extra = jnp.zeros(()) if kind == "ce" else losses.distillation(kind, z, inputs.teacher, temperature, valid)
-        acc = losses.batch_mean(jnp.argmax(z, -1) == inputs.y, valid)
-        return ce + beta * extra, (new["batch_stats"], {"ce": ce, "distill": extra, "acc": acc})
-
-    return loss_fn
-
-
 @dataclasses.dataclass(frozen=True)
 class Mind:
     """Everything static about a run: networks, compiled steps and counts functions. Build once per run."""
@@ -187,15 +149,13 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     data-parallel: batches split along ``data``, everything else replicated.
     """
     k = block_size_of(scenario)
-    if mesh is not None and cfg.batch_size % mesh.shape["data"]:
-        raise ValueError(f"batch size {cfg.batch_size} does not split over {mesh.shape['data']} devices; "
-                         f"use a multiple of {mesh.shape['data']}")
+    check_batch_split(cfg.batch_size, mesh)
     T = scenario.task_count
-    student = _build(cfg, k * T, T)
-    teacher = _build(cfg, k, 1)
+    student = build(cfg, k * T, T)
+    teacher = build(cfg, k, 1)
     params, _ = models.init(student, jax.random.key(0), scenario.input_shape)
     kinds = models.leaf_kinds(params)
-    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
+    mean, std = norm_of(scenario)
     if cfg.temperature is None and any(len(task.val.y) == 0 for task in scenario.tasks):
         raise ValueError("choosing the inference temperature needs validation data: pass --val_fraction > 0 "
                          "or a fixed --temperature")
@@ -243,11 +203,7 @@ def init_state(mind: Mind, key: jax.Array) -> PyTree:
     params, batch_stats = models.init(mind.student, key, mind.scenario.input_shape)
     owner = masks.init_owners(params, mind.kinds, (mind.block_size,) * mind.task_count)
     tau = 1.0 if mind.cfg.temperature is None else mind.cfg.temperature  # replaced once chosen on validation
-    ti = mind.cfg.inference
-    inference = task_inference.init_stats(ti, ti.candidates(task_inference.SUBNET_RULES), mind.task_count,
-                                           mind.block_size, int(np.prod(mind.scenario.input_shape)),
-                                           models.feature_dim(mind.student, mind.scenario.input_shape),
-                                           fitted=ti.fitted(task_inference.SUBNET_RULES))
+    inference = subnet_inference_stats(mind.cfg.inference, mind.student, mind.scenario, mind.block_size)
     return {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": jnp.float32(tau),
             "inference": inference}
 
@@ -266,10 +222,8 @@ def _phase(mind: Mind, name: str, t: int, params, batch_stats, split, ctx: Conte
     phase = training.Phase(cfg.distill_epochs if distilling else cfg.epochs, cfg.batch_size,
                            cfg.distill_lr if distilling else cfg.lr,
                            cfg.distill_milestone if distilling else cfg.lr_milestone, cfg.drop_last)
-    tagged = None if log is None else (lambda m: log({"task": t, "phase": name, **m}))
-    carry = (params, batch_stats, mind.txs["distill" if distilling else "teacher"].init(params))
-    return training.run_phase(mind.steps[name], carry, split, ctx, phase, key, desc=f"task {t} {name}",
-                              log=tagged, progress=progress)
+    return train_phase(mind.steps[name], mind.txs["distill" if distilling else "teacher"], params, batch_stats, split,
+                       ctx, phase, key, task=t, name=name, log=log, progress=progress)
 
 
 def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[[dict], None] | None = None,
@@ -339,13 +293,8 @@ def evaluate(mind: Mind, state: PyTree, splits, seen: int, task_ids=None) -> dic
 
     ``max_prob``, ``entropy`` and ``top2_entropy`` read ``softmax(z / tau)`` at the state's inference temperature.
     """
-    ti = mind.cfg.inference
-    if not isinstance(splits, evaluation.Placed):
-        splits = evaluation.place(splits, mind.cfg.eval_batch_size, mind.mesh)
-    return mind.subnets.accuracies((state["params"], state["batch_stats"], state["owner"], state["inference"]),
-                                   splits, seen, rules=ti.reported(task_inference.SUBNET_RULES),
-                                   in_use=ti.candidates(task_inference.SUBNET_RULES), tau=float(state["tau"]),
-                                   task_ids=task_ids)
+    return subnet_accuracies(mind.subnets, mind.cfg.inference, state, splits, seen, float(state["tau"]),
+                             mind.cfg.eval_batch_size, task_ids)
 
 
 def describe(info: dict) -> str:

@@ -39,9 +39,11 @@ import numpy as np
 
 from experiments.common import (UsageError, add_config_flags, add_inference_flags, add_run_flags, build_scenario,
                                 config_from, config_of, guarded, inference_from, run_settings, show_progress)
-from modkd_jax import loop, masks, metrics, models, rundir, training
+from modkd_jax import loop, masks, metrics, models, preservation, rundir, training
 from modkd_jax.methods import baselines, mind
 from modkd_jax.methods import experts as X
+from modkd_jax.methods.experts_cost import mlp_flops, mlp_params, pool_params
+from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of
 
 METHODS = ("experts", "monolithic", "mind")
 FLAGS = tuple(f.name for f in dataclasses.fields(X.ExpertsConfig) if f.name != "inference")
@@ -83,7 +85,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 def matched_width(target: int, depth: int, num_outputs: int, num_tasks: int, input_shape) -> int:
     """The width ``w`` whose ``depth``-layer MLP ``(w,) * depth`` has the parameter count closest to ``target``."""
-    count = lambda w: X.mlp_params((w,) * depth, num_outputs, num_tasks, input_shape)  # noqa: E731
+    count = lambda w: mlp_params((w,) * depth, num_outputs, num_tasks, input_shape)  # noqa: E731
     lo, hi = 1, 8192
     while lo < hi:
         mid = (lo + hi) // 2
@@ -112,27 +114,27 @@ def unit_learner(method: str, ecfg: X.ExpertsConfig, dataset: str, scenario, wid
 
 def run_preservation(ecfg: X.ExpertsConfig, scenario, seed: int, progress: bool) -> dict:
     """Deprecate a narrower MLP trained on task 0 into the expert architecture, then learn task 1."""
-    T, k = scenario.task_count, mind.block_size_of(scenario)
+    T, k = scenario.task_count, block_size_of(scenario)
     if T < 2:
         return {}
-    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
+    mean, std = norm_of(scenario)
     old = models.build("mlp", k * T, T, hidden=tuple(ecfg.old_hidden))
     new = models.build("mlp", k * T, T, hidden=tuple(ecfg.hidden))
     key = jax.random.key(seed)
     params, batch_stats = models.init(old, jax.random.fold_in(key, 100), scenario.input_shape)
     tx = training.make_optimizer("adam", ecfg.lr)
     full = masks.full_mask(params)
-    step = training.make_step(mind.make_loss(old.apply, k), tx, training.augmenting(mean, std))
+    step = training.make_step(make_loss(old.apply, k), tx, training.augmenting(mean, std))
     params, batch_stats, _ = training.run_phase(
-        step, (params, batch_stats, tx.init(params)), scenario.tasks[0].train, mind.Context(jnp.int32(0), full, full),
+        step, (params, batch_stats, tx.init(params)), scenario.tasks[0].train, Context(jnp.int32(0), full, full),
         training.Phase(ecfg.epochs, ecfg.batch_size, ecfg.lr, ecfg.lr_milestone), jax.random.fold_in(key, 101),
         desc="old model", progress=progress)
     out = {}
     for name, method, imp in (("none", "none", "magnitude"), ("copy_magnitude", "copy", "magnitude"),
                               ("copy_fisher", "copy", "fisher"), ("distill", "distill", "magnitude")):
-        info = X.preserve(old, {"params": params, "batch_stats": batch_stats}, new, scenario,
-                          jax.random.fold_in(key, 102), method=method, importance_kind=imp, keep=ecfg.keep,
-                          epochs=ecfg.epochs, batch_size=ecfg.batch_size, lr=ecfg.lr, progress=progress)
+        info = preservation.preserve(old, {"params": params, "batch_stats": batch_stats}, new, scenario,
+                                     jax.random.fold_in(key, 102), method=method, importance_kind=imp, keep=ecfg.keep,
+                                     epochs=ecfg.epochs, batch_size=ecfg.batch_size, lr=ecfg.lr, progress=progress)
         info.pop("plan")
         out[name] = info
     return out
@@ -157,7 +159,7 @@ def summarize_unit(method: str, res: dict, input_dim: int) -> dict:
     sc, key = res["config"], ("mind" if method == "mind" else "baseline")
     T, shape = len(res["tasks"]), sc[key]["hidden"]
     classes = sum(len(c) for c in res["classes"])
-    f = X.mlp_flops(input_dim, shape, classes)
+    f = mlp_flops(input_dim, shape, classes)
     out.update(flops_til=f, flops_cil=f * (T if method == "mind" else 1), activated=float("nan"),
                params=res["params"]["student" if method == "mind" else "model"])
     if method == "mind":  # the rule in use: the Gaussians (a multiply-add per stored float) pick one sub-network
@@ -252,7 +254,7 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     scenarios = {s: build_scenario({**cfg, "seed": s}, data_dir, tfds_dir) for s in cfg["seeds"]}
     try:
         for sc in scenarios.values():
-            mind.block_size_of(sc)
+            block_size_of(sc)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     workdir = rundir.open_run(workdir, cfg)
@@ -260,8 +262,8 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     settings = {k: cfg[k] for k in ("dataset", "scenario", "task_count", "val_fraction")}
     input_dim = int(np.prod(next(iter(scenarios.values())).input_shape))
     for seed, scenario in scenarios.items():
-        T, k = scenario.task_count, mind.block_size_of(scenario)
-        width = matched_width(X.pool_params(ecfg, scenario)["total"], len(ecfg.hidden), k * T, 1, scenario.input_shape)
+        T, k = scenario.task_count, block_size_of(scenario)
+        width = matched_width(pool_params(ecfg, scenario)["total"], len(ecfg.hidden), k * T, 1, scenario.input_shape)
         for method in cfg["methods"]:
             unit_dir = workdir / f"{method}_s{seed}"
             done = unit_dir / "results.json"

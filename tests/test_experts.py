@@ -13,9 +13,12 @@ import pytest
 
 from experiments import experts as cli
 from modkd_jax import data, loop, masks, models, routing, training
+from modkd_jax import preservation as P
 from modkd_jax.data import batching
 from modkd_jax.methods import experts as X
-from modkd_jax.methods import mind
+from modkd_jax.methods import experts_cost as XC
+from modkd_jax.methods import experts_routing as XR
+from modkd_jax.methods import kit
 
 
 def _digits(task_count=2):
@@ -43,17 +46,17 @@ def test_allocation_follows_fit_and_specialization():
     counts = np.array([[100, 0, 0], [50, 50, 0], [0, 0, 0]], float)
     active = np.array([True, True, False])
     # expert 0 (a specialist) fits 80% of the new task: reused, it stays below ln 2 (100 vs 80 inputs)
-    experts, decision, info = X.allocate(cfg, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0.0, 0.0]), active)
+    experts, decision, info = XR.allocate(cfg, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0.0, 0.0]), active)
     assert (experts, decision) == ([0], "reuse") and info["entropy_if_reused"][0] < math.log(2)
     # expert 1 fits as well but already holds two tasks evenly: a third would exceed ln 2 -> a new expert
-    experts, decision, _ = X.allocate(cfg, 2, counts, np.array([0, 80, 0]), np.array([0.0, 0.8, 0.0]), active)
+    experts, decision, _ = XR.allocate(cfg, 2, counts, np.array([0, 80, 0]), np.array([0.0, 0.8, 0.0]), active)
     assert (experts, decision) == ([2], "new")
     # too little fit -> new; allocation "new" never reuses; a full pool reuses the best fit
-    assert X.allocate(cfg, 2, counts, np.array([40, 0, 0]), np.array([0.4, 0, 0]), active)[:2] == ([2], "new")
+    assert XR.allocate(cfg, 2, counts, np.array([40, 0, 0]), np.array([0.4, 0, 0]), active)[:2] == ([2], "new")
     cfg_new = X.ExpertsConfig(allocation="new")
-    assert X.allocate(cfg_new, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0, 0]), active)[:2] == ([2], "new")
+    assert XR.allocate(cfg_new, 2, counts, np.array([80, 0, 0]), np.array([0.8, 0, 0]), active)[:2] == ([2], "new")
     full = np.ones(3, bool)
-    assert X.allocate(cfg, 2, counts, np.array([0, 30, 10]), np.array([0, 0.3, 0.1]), full)[:2] == ([1], "forced")
+    assert XR.allocate(cfg, 2, counts, np.array([0, 30, 10]), np.array([0, 0.3, 0.1]), full)[:2] == ([1], "forced")
 
 
 def test_routing_is_permutation_equivariant_over_experts():
@@ -126,17 +129,17 @@ def test_the_dense_evaluator_equals_running_only_the_chosen_experts(reused):
 
     def predict(x, task):  # task's own experts only, on its batch-norm rows and class block
         slots = np.flatnonzero(membership[:, task])
-        emb = X.embed(router["projection"], x)
-        w = X.task_weights(router, emb, task, cfg.top_k, cfg.route_temperature)[:, slots]
-        z = jnp.stack([training.block(ex.model.apply(X.take(pool, s), batching.to_float(x, mean, std), task),
+        emb = XR.embed(router["projection"], x)
+        w = XR.task_weights(router, emb, task, cfg.top_k, cfg.route_temperature)[:, slots]
+        z = jnp.stack([training.block(ex.model.apply(XR.take(pool, s), batching.to_float(x, mean, std), task),
                                       task, k) for s in slots])
-        return np.asarray(jnp.argmax(X.mix(z, w), -1))
+        return np.asarray(jnp.argmax(XR.mix(z, w), -1))
 
     got = X.evaluate(ex, state, [t.test for t in ex.scenario.tasks], seen=3)
     chosen = X.INFERENCE[int(state["inference"]["rule"])]
     for j in range(3):
         x, y = ex.scenario.tasks[j].test.x, ex.scenario.tasks[j].test.y
-        expert, task = (np.asarray(a) for a in X.route(router, X.embed(router["projection"], x)))
+        expert, task = (np.asarray(a) for a in XR.route(router, XR.embed(router["projection"], x)))
         cil = [task[i] == j and predict(x[i:i + 1], int(task[i]))[0] == y[i] for i in range(len(y))]
         assert got["til"][j] == pytest.approx(np.mean(predict(x, j) == y))
         assert got["cil_prototype"][j] == pytest.approx(np.mean(cil))  # the router's task
@@ -154,32 +157,32 @@ def test_knowledge_transfer_copies_exactly_the_selected_parameters():
     old_p, old_bs = models.init(old, jax.random.key(1), sc.input_shape)
     new_p, new_bs = models.init(new, jax.random.key(2), sc.input_shape)
     kinds = models.leaf_kinds(old_p)
-    sel = X.select_valuable(X.importance(old_p, "magnitude"), kinds, task=0, keep=0.3, block_size=5)
+    sel = P.select_valuable(P.importance(old_p, "magnitude"), kinds, task=0, keep=0.3, block_size=5)
     for s, w, kind in zip(jax.tree.leaves(sel), jax.tree.leaves(old_p), jax.tree.leaves(kinds)):
         if kind == masks.GATED:  # exactly the top 30% by |w|
             assert int(s.sum()) == round(0.3 * s.size)
             assert float(jnp.min(jnp.abs(w)[s])) >= float(jnp.max(jnp.abs(w)[~s]))
-    out = X.transfer(old_p, new_p, sel)
+    out = P.transfer(old_p, new_p, sel)
     for o, n, t, s in zip(jax.tree.leaves(old_p), jax.tree.leaves(new_p), jax.tree.leaves(out), jax.tree.leaves(sel)):
-        where = np.asarray(X.embed_corner(s, n.shape, False))
-        corner = np.asarray(X.embed_corner(o, n.shape, 0))
+        where = np.asarray(P.embed_corner(s, n.shape, False))
+        corner = np.asarray(P.embed_corner(o, n.shape, 0))
         np.testing.assert_array_equal(np.asarray(t)[where], corner[where])  # the selected entries, copied
         np.testing.assert_array_equal(np.asarray(t)[~where], np.asarray(n)[~where])  # nothing else touched
     new_kinds = models.leaf_kinds(new_p)
-    owner = X.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
+    owner = P.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
     k0 = np.asarray(owner["dense0"]["kernel"])
     assert (k0 == 0).sum() == int(sel["dense0"]["kernel"].sum()) and set(np.unique(k0)) == {masks.FREE, 0}
     # a narrower new model cannot hold the old leaves: the plan hands them to distillation
     small_p, _ = models.init(models.build("mlp", 10, 2, hidden=(4, 16)), jax.random.key(3), sc.input_shape)
-    plan = X.transfer_plan(old_p, small_p)
+    plan = P.transfer_plan(old_p, small_p)
     assert plan["dense0/kernel"] == plan["dense1/kernel"] == "distill" and plan["classifier/kernel"] == "copy"
-    moved = X.transfer(old_p, small_p, sel)
+    moved = P.transfer(old_p, small_p, sel)
     np.testing.assert_array_equal(moved["dense0"]["kernel"], small_p["dense0"]["kernel"])
     # keep = 1: the new model computes the old task exactly as the old model did
-    sel = X.select_valuable(X.importance(old_p), kinds, 0, 1.0, 5)
-    p = X.transfer(old_p, new_p, sel)
-    bs = X.transfer_batch_stats(old_bs, new_bs, 0)
-    o = X.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
+    sel = P.select_valuable(P.importance(old_p), kinds, 0, 1.0, 5)
+    p = P.transfer(old_p, new_p, sel)
+    bs = P.transfer_batch_stats(old_bs, new_bs, 0)
+    o = P.transfer_owner(masks.init_owners(new_p, new_kinds, (5, 5)), sel, new_kinds, 0)
     x = jnp.asarray(sc.tasks[0].test.x[:32], jnp.float32) / 255.0
     ours = new.apply({"params": masks.gate(p, masks.forward_mask(o, 0)), "batch_stats": bs}, x, 0)
     theirs = old.apply({"params": old_p, "batch_stats": old_bs}, x, 0)
@@ -194,16 +197,16 @@ def test_preserve_keeps_the_old_task_while_learning_the_next():
     params, bs = models.init(old, jax.random.key(0), sc.input_shape)
     tx = training.make_optimizer("adam", 0.005)
     full = masks.full_mask(params)
-    step = training.make_step(mind.make_loss(old.apply, 5), tx, training.augmenting(mean, std))
+    step = training.make_step(kit.make_loss(old.apply, 5), tx, training.augmenting(mean, std))
     params, bs, _ = training.run_phase(step, (params, bs, tx.init(params)), sc.tasks[0].train,
-                                       mind.Context(jnp.int32(0), full, full), training.Phase(8, 32, 0.005),
+                                       kit.Context(jnp.int32(0), full, full), training.Phase(8, 32, 0.005),
                                        jax.random.key(1))
-    info = X.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="copy", keep=1.0,
+    info = P.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="copy", keep=1.0,
                       epochs=8, batch_size=32, lr=0.005)
     assert info["old_acc"] > 0.9 and info["new_task_acc"] > 0.9
     assert info["transferred_acc"] == info["old_acc"]  # an exact copy computes the old task as before
     assert info["retained_acc"] == info["transferred_acc"]  # frozen and isolated while task 1 is learnt
-    d = X.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="distill", keep=0.5,
+    d = P.preserve(old, {"params": params, "batch_stats": bs}, new, sc, jax.random.key(2), method="distill", keep=0.5,
                    epochs=4, batch_size=32, lr=0.005)
     assert d["retained_acc"] == d["transferred_acc"] > 0.6  # distilled without old data, then isolated
 
@@ -223,8 +226,8 @@ def test_learner_resumes_after_a_stop_with_the_same_numbers(tmp_path):
     untimed = lambda infos: [{k: v for k, v in i.items() if k not in ("seconds", "compiles")} for i in infos]  # noqa: E731
     assert untimed(res["task_infos"]) == untimed(whole["task_infos"])
     assert set(res["flops"]) == {"til", "expert_forward", "router", "xla_expert_forward", "inference"}
-    assert res["params"] == X.pool_params(cfg, sc)
-    assert res["params"]["experts"] == 2 * X.mlp_params((32, 32), 10, 5, sc.input_shape)  # max_experts
+    assert res["params"] == XC.pool_params(cfg, sc)
+    assert res["params"]["experts"] == 2 * XC.mlp_params((32, 32), 10, 5, sc.input_shape)  # max_experts
 
 
 def test_cli_end_to_end_on_digits(tmp_path, capsys):

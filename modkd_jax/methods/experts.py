@@ -32,14 +32,9 @@ full, the best-fitting expert is reused ("forced"). A reused expert keeps its
 earlier tasks through distillation (LwF: its pre-task outputs on their class
 blocks, on the new task's inputs).
 
-**Knowledge preservation.** ``importance`` (|w| or the diagonal empirical Fisher)
-ranks a deprecated model's weights; ``select_valuable`` keeps the top
-``keep`` fraction of each kernel plus the task's classifier block and batch
-norm row; ``transfer`` copies exactly those entries into the leading corner of
-the matching leaves of a (wider) new model, ``transfer_owner`` makes them the
-task's frozen share of an owner map, so the new model computes the old task
-with them alone while later tasks train the rest (``preserve``). Leaves whose
-shapes do not fit (``transfer_plan``) are handed to distillation instead.
+Pool, embedding, routing and allocation are ``methods.experts_routing``; size
+and FLOPs per prediction ``methods.experts_cost``; retiring a model into a
+wider one (knowledge preservation) is ``modkd_jax.preservation``.
 
 **Contract.** ``learner(cfg, scenario)`` is the pool as a ``Learner`` for
 ``modkd_jax.loop``: the state holds the pool, the router (projection,
@@ -58,12 +53,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import evaluation, losses, masks, models, routing, task_inference, training
+from modkd_jax import evaluation, losses, models, routing, task_inference, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
-from modkd_jax.methods import from_preset, mind
-from modkd_jax.methods.mind import block_size_of
+from modkd_jax.methods import from_preset
+from modkd_jax.methods.experts_cost import (compiled_flops, inference_flops, mlp_flops, pool_params,
+                                            router_flops)
+from modkd_jax.methods.experts_routing import (allocate, block_at, embed, fit_shares, init_pool, mix,
+                                               random_projection, route, take, task_scores, task_weights)
+from modkd_jax.methods.kit import block_size_of, norm_of, train_phase
 
 PyTree = Any
 ALLOCATIONS = ("entropy", "new")
@@ -127,116 +126,6 @@ PRESETS = {
 def preset_config(dataset: str, **overrides) -> ExpertsConfig:
     """The ExpertsConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
     return from_preset(ExpertsConfig, PRESETS[dataset], **overrides)
-
-
-# --- Pool, embedding, routing --------------------------------------------------------------------
-
-
-def take(tree: PyTree, idx) -> PyTree:
-    """Row(s) ``idx`` of every leaf of a stacked pytree (one expert, or several along a new axis)."""
-    return jax.tree.map(lambda a: a[idx], tree)
-
-
-def init_pool(model, key: jax.Array, input_shape: tuple[int, ...], n: int) -> tuple[PyTree, PyTree]:
-    """``n`` independently initialised experts stacked on a leading axis: ``(params, batch_stats)``."""
-    return jax.vmap(lambda k: models.init(model, k, input_shape))(jax.random.split(key, n))
-
-
-def random_projection(key: jax.Array, in_dim: int, dim: int) -> jax.Array:
-    """The fixed shared embedding: Gaussian ``(in_dim, dim) / sqrt(dim)``; ``dim=0`` gives an empty (pixel) one."""
-    if dim == 0:
-        return jnp.zeros((in_dim, 0), jnp.float32)
-    return jax.random.normal(key, (in_dim, dim), jnp.float32) / math.sqrt(dim)
-
-
-def embed(projection: jax.Array, x_uint8: jax.Array) -> jax.Array:
-    """Unit-norm embedding of uint8 images: pixels in [0, 1], flattened, projected (or not, if empty)."""
-    flat = x_uint8.reshape(x_uint8.shape[0], -1).astype(jnp.float32) / 255.0
-    return routing.l2_normalize(flat @ projection if projection.shape[-1] else flat)
-
-
-def task_scores(emb: jax.Array, prototypes: jax.Array, seen: jax.Array) -> jax.Array:
-    """Best cosine of every input to each task's prototypes: ``(B, T)``, ``-inf`` for unseen tasks."""
-    T, K, d = prototypes.shape
-    member = jnp.repeat(jnp.eye(T, dtype=bool) & seen[:, None], K, axis=1)  # task j owns its K prototypes
-    return routing.prototype_scores(emb, prototypes.reshape(T * K, d), member)
-
-
-def expert_prototypes(membership: jax.Array, k: int) -> jax.Array:
-    """Which of the ``T * k`` prototypes each expert owns: ``(E, T * k)``, from ``membership (E, T)``."""
-    return jnp.repeat(membership, k, axis=1)
-
-
-def route(router: PyTree, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(expert, task)`` per embedded input: the expert with the most similar prototype and that prototype's task."""
-    T, K, d = router["prototypes"].shape
-    member = expert_prototypes(router["membership"] & router["seen"][None], K)
-    expert = routing.route(emb, router["prototypes"].reshape(T * K, d), member)
-    return expert, jnp.argmax(task_scores(emb, router["prototypes"], router["seen"]), axis=-1)
-
-
-def task_weights(router: PyTree, emb: jax.Array, task, top_k: int, temperature: float) -> jax.Array:
-    """Mixture weights ``(B, E)`` of the experts serving ``task`` (one, or one per input), 0 for the others.
-
-    Soft top-k over the experts' similarity to the input through their *other*
-    tasks' prototypes (what each already knows; 0 for an expert with no other
-    task). A single expert gets weight 1.
-    """
-    T, K, d = router["prototypes"].shape
-    served = router["membership"] & router["seen"][None]  # (E, T)
-    protos = router["prototypes"].reshape(T * K, d)
-    others = lambda j: expert_prototypes(served & (jnp.arange(T) != j)[None], K)  # noqa: E731
-    per_task = jax.vmap(lambda j: routing.prototype_scores(emb, protos, others(j)))(jnp.arange(T))  # (T, B, E)
-    task = jnp.broadcast_to(task, emb.shape[:1])
-    s = per_task[task, jnp.arange(emb.shape[0])]
-    s = jnp.where(served.T[task], jnp.where(jnp.isfinite(s), s, 0.0), -jnp.inf)
-    return routing.soft_top_k(s, top_k, temperature)
-
-
-def block_at(logits: jax.Array, task, size: int) -> jax.Array:
-    """The class block of ``task`` (one, or one per input) of logits ``(..., B, out)``."""
-    idx = jnp.broadcast_to(task, logits.shape[-2:-1])[:, None] * size + jnp.arange(size)
-    return jnp.take_along_axis(logits, jnp.broadcast_to(idx, (*logits.shape[:-1], size)), axis=-1)
-
-
-def mix(z: jax.Array, weights: jax.Array) -> jax.Array:
-    """``log sum_s w_s softmax(z[s])`` of block logits ``z (S, B, block)``, ``weights (B, S)``; 0 weights drop out."""
-    logp = jax.nn.log_softmax(z, axis=-1)
-    on = (weights > 0).T[..., None]
-    logw = jnp.log(jnp.where(weights > 0, weights, 1.0)).T[..., None]
-    return jax.scipy.special.logsumexp(jnp.where(on, logp + logw, -jnp.inf), axis=0)
-
-
-# --- Allocation ----------------------------------------------------------------------------------
-
-
-def fit_shares(scores: jax.Array, radius: jax.Array, membership: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Per expert, how many (and which share) of the inputs fit it: best cosine to one of its tasks >= that radius."""
-    fits = np.asarray(scores) >= np.asarray(radius)[None]  # (N, T); -inf for unseen tasks never fits
-    per_expert = (fits[:, None, :] & np.asarray(membership)[None]).any(-1)  # (N, E)
-    count = per_expert.sum(0)
-    return count, count / max(len(fits), 1)
-
-
-def allocate(cfg: ExpertsConfig, task: int, counts: np.ndarray, fit_count: np.ndarray, share: np.ndarray,
-             active: np.ndarray) -> tuple[list[int], str, dict]:
-    """Experts for a new ``task``: reuse fitting specialists, else a new expert; ``(experts, decision, info)``.
-
-    ``counts (E, T)`` are the routing statistics so far, ``fit_count``/``share``
-    how many / which share of the task's inputs fit each expert.
-    """
-    after = np.asarray(counts, np.float64).copy()
-    after[:, task] += fit_count
-    h_after = np.asarray(routing.specialization_entropy(after))
-    ok = active & (share >= cfg.reuse_threshold) & (np.nan_to_num(h_after, nan=0.0) <= cfg.max_entropy + 1e-9)
-    info = {"fit_share": share, "entropy_if_reused": h_after}
-    if cfg.allocation == "entropy" and ok.any():
-        order = [int(e) for e in np.argsort(-share, kind="stable") if ok[e]]
-        return order[: cfg.top_k], "reuse", info
-    free = np.flatnonzero(~active)
-    if len(free):
-        return [int(free[0])], "new", info
-    return [int(np.argmax(np.where(active, share, -1.0)))], "forced", info
 
 
 # --- Training and evaluation ---------------------------------------------------------------------
@@ -370,7 +259,7 @@ def setup(cfg: ExpertsConfig, scenario: Scenario) -> Experts:
     k, T = block_size_of(scenario), scenario.task_count
     cfg.inference.check(INFERENCE, all(len(task.val.y) for task in scenario.tasks))
     model = models.build("mlp", k * T, T, hidden=tuple(cfg.hidden))
-    mean, std = (jnp.asarray(a, jnp.float32) for a in scenario.norm)
+    mean, std = norm_of(scenario, jnp.float32)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr)
 
     def prepare(batch: training.Batch, key: jax.Array, ctx: Context) -> Inputs:
@@ -460,10 +349,9 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
         teacher = jax.tree.map(jnp.copy, {"params": state["params"], "batch_stats": state["batch_stats"]})
     ctx = Context(jnp.int32(t), router, jnp.asarray(slots), trn, jnp.asarray(old) if distill else None, teacher)
     phase = training.Phase(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_milestone)
-    tagged = None if log is None else (lambda m: log({"task": t, "phase": "train", **m}))
-    carry = (state["params"], state["batch_stats"], ex.tx.init(state["params"]))
-    params, batch_stats, _ = training.run_phase(ex.steps[distill], carry, task.train, ctx, phase, k_train,
-                                                desc=f"task {t} experts {experts}", log=tagged, progress=progress)
+    params, batch_stats, _ = train_phase(ex.steps[distill], ex.tx, state["params"], state["batch_stats"], task.train,
+                                         ctx, phase, k_train, task=t, name="train", log=log, progress=progress,
+                                         desc=f"task {t} experts {experts}")
     counts = routing_statistics(ex, router, t + 1)
     # task inference: the task's Gaussians (its training pixels only), the rule in use on the seen tasks' validation
     inference = task_inference.fit_task(cfg.inference, state["inference"], t, task.train.y, len(task.classes),
@@ -494,62 +382,6 @@ def evaluate(ex: Experts, state: PyTree, splits, seen: int, task_ids=None) -> di
     for r, values in acc.items():
         out[r][done] = values
     return out
-
-
-# --- Size and compute per prediction -------------------------------------------------------------
-
-
-def mlp_params(hidden, num_outputs: int, num_tasks: int, input_shape) -> int:
-    """Parameter count of ``models.MLP`` (shapes only, nothing initialised)."""
-    model = models.build("mlp", num_outputs, num_tasks, hidden=tuple(hidden))
-    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), tuple(input_shape))[0])
-    return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
-
-
-def pool_params(cfg: ExpertsConfig, scenario: Scenario) -> dict[str, int]:
-    """Stored parameters of the expert pool: experts, projection, prototypes (+ radii)."""
-    T, k = scenario.task_count, block_size_of(scenario)
-    in_dim = int(np.prod(scenario.input_shape))
-    out = {"experts": (cfg.max_experts or T) * mlp_params(cfg.hidden, k * T, T, scenario.input_shape),
-           "projection": in_dim * cfg.embed_dim, "prototypes": T * cfg.prototypes * (cfg.embed_dim or in_dim) + T}
-    out["total"] = sum(out.values())
-    return out
-
-
-def mlp_flops(in_dim: int, hidden, out_dim: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one MLP forward pass per example; norms, biases and ReLUs excluded."""
-    dims = [in_dim, *hidden, out_dim]
-    return int(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:])))
-
-
-def router_flops(in_dim: int, embed_dim: int, num_prototypes: int) -> int:
-    """Matmul FLOPs per example of the router: the projection plus cosines to every stored prototype."""
-    d = embed_dim or in_dim
-    return 2 * in_dim * embed_dim + 2 * d * num_prototypes
-
-
-def inference_flops(rule: str, in_dim: int, seen: int, membership: np.ndarray, expert: int, router: int,
-                    gauss: dict) -> float:
-    """FLOPs per example of a class-incremental prediction under ``rule``, before the chosen task's experts run.
-
-    ``prototype``: the router; ``gauss_input``: every seen task's Gaussians (a projection of rank r
-    and a distance per Gaussian); the rules over outputs run every seen task's experts (and the router
-    where a task mixes several).
-    """
-    if rule == "prototype":
-        return router
-    if rule == "gauss_input":
-        G, r = gauss["mean"].shape[1], gauss["basis"].shape[-1]
-        return seen * G * 2 * in_dim * (r + 1)
-    runs = membership[:, :seen].sum()
-    return runs * expert + (router if runs > seen else 0)
-
-
-def compiled_flops(fn: Callable, *args) -> float:
-    """FLOPs XLA reports for ``jit(fn)(*args)`` (a cross-check of the analytic counts; loop-free code only)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
 
 
 def report(ex: Experts, state: PyTree, infos: list[dict]) -> dict:
@@ -596,200 +428,3 @@ def learner(cfg: ExpertsConfig, scenario: Scenario) -> Learner:
         evaluate=lambda state, seen: evaluate(ex, state, tests, seen),
         param_counts=lambda state: pool_params(cfg, scenario), report=lambda state, infos: report(ex, state, infos),
         describe=describe, **scenario_fields(scenario))
-
-# --- Knowledge preservation ----------------------------------------------------------------------
-
-
-def _paths(tree: PyTree) -> dict[str, jax.Array]:
-    """Leaves keyed by their '/'-joined path."""
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _fits(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
-    return len(small) == len(big) and all(a <= b for a, b in zip(small, big))
-
-
-def transfer_plan(old: PyTree, new: PyTree) -> dict[str, str]:
-    """Per leaf of the old model: ``"copy"`` when a leaf of the new model with the same path has room for it
-    (same rank, no axis smaller), else ``"distill"``."""
-    new_leaves = _paths(new)
-    return {path: "copy" if path in new_leaves and _fits(leaf.shape, new_leaves[path].shape) else "distill"
-            for path, leaf in _paths(old).items()}
-
-
-def importance(params: PyTree, kind: str = "magnitude", fisher: PyTree | None = None) -> PyTree:
-    """Importance of every weight: ``|w|`` (``"magnitude"``) or a diagonal Fisher given in ``fisher``."""
-    if kind == "magnitude":
-        return jax.tree.map(jnp.abs, params)
-    if kind == "fisher":
-        if fisher is None:
-            raise ValueError("importance='fisher' needs the Fisher diagonal (training.fisher_diagonal)")
-        return fisher
-    raise ValueError(f"unknown importance {kind!r}; expected 'magnitude' or 'fisher'")
-
-
-def select_valuable(scores: PyTree, kinds: PyTree, task: int, keep: float, block_size: int) -> PyTree:
-    """Boolean pytree (old shapes) of the weights worth keeping for ``task``.
-
-    Gated kernels: the top ``keep`` fraction by ``scores`` (exactly
-    ``round(keep * size)`` entries); classifier leaves: the task's class block;
-    per-task leaves (batch norm): the task's row.
-    """
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"keep must lie in [0, 1], got {keep}")
-
-    def leaf(s, kind):
-        if kind == masks.GATED:
-            count = int(round(keep * s.size))
-            flat = jnp.zeros(s.size, bool)
-            if count:
-                flat = flat.at[jax.lax.top_k(s.reshape(-1).astype(jnp.float32), count)[1]].set(True)
-            return flat.reshape(s.shape)
-        if kind == masks.CLASSIFIER:
-            cols = (jnp.arange(s.shape[-1]) // block_size) == task
-            return jnp.broadcast_to(cols, s.shape)
-        return jnp.broadcast_to((jnp.arange(s.shape[0]) == task).reshape((-1,) + (1,) * (s.ndim - 1)), s.shape)
-
-    return jax.tree.map(leaf, scores, kinds)
-
-
-def embed_corner(small: jax.Array, shape: tuple[int, ...], fill) -> jax.Array:
-    """``small`` placed at the leading corner of an array of ``shape``, ``fill`` elsewhere."""
-    out = jnp.full(shape, fill, small.dtype)
-    return out.at[tuple(slice(0, n) for n in small.shape)].set(small)
-
-
-def transfer(old: PyTree, new: PyTree, selection: PyTree) -> PyTree:
-    """``new`` with exactly the ``selection``ed entries of ``old`` copied in (leading corner of the same-path leaf).
-
-    Every other entry of ``new`` is returned unchanged, bit for bit; leaves the
-    plan marks ``"distill"`` are skipped (``transfer_plan``).
-    """
-    plan, old_l, sel_l = transfer_plan(old, new), _paths(old), _paths(selection)
-
-    def leaf(path, n):
-        key = jax.tree_util.keystr(path, simple=True, separator="/")
-        if plan.get(key) != "copy":
-            return n
-        where = embed_corner(sel_l[key], n.shape, False)
-        return jnp.where(where, embed_corner(old_l[key].astype(n.dtype), n.shape, 0), n)
-
-    return jax.tree_util.tree_map_with_path(leaf, new)
-
-
-def transfer_owner(owner: PyTree, selection: PyTree, kinds: PyTree, task: int) -> PyTree:
-    """An owner map in which ``task`` owns exactly the transferred gated weights (other owners untouched)."""
-    sel_l = _paths(selection)
-
-    def leaf(path, o, kind):
-        key = jax.tree_util.keystr(path, simple=True, separator="/")
-        if kind != masks.GATED or key not in sel_l or not _fits(sel_l[key].shape, o.shape):
-            return o
-        return jnp.where(embed_corner(sel_l[key], o.shape, False), jnp.asarray(task, o.dtype), o)
-
-    return jax.tree_util.tree_map_with_path(leaf, owner, kinds)
-
-
-def transfer_batch_stats(old: PyTree, new: PyTree, task: int) -> PyTree:
-    """``new`` running statistics with row ``task`` of the old model's copied in (leading corner)."""
-    old_l = _paths(old)
-
-    def leaf(path, n):
-        o = old_l.get(jax.tree_util.keystr(path, simple=True, separator="/"))
-        if o is None or not _fits(o.shape, n.shape):
-            return n
-        rows = embed_corner(jnp.broadcast_to((jnp.arange(o.shape[0]) == task)[:, None], o.shape), n.shape, False)
-        return jnp.where(rows, embed_corner(o, n.shape, 0), n)
-
-    return jax.tree_util.tree_map_with_path(leaf, new)
-
-
-
-
-def make_distill_loss(apply_new: Callable, block_size: int, temperature: float) -> Callable:
-    """Pure distillation (no labels) of the frozen old model's block (``inputs.teacher``) into ``ctx.forward``."""
-
-    def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: mind.Context):
-        logits, new = apply_new({"params": masks.gate(params, ctx.forward), "batch_stats": batch_stats}, inputs.x,
-                                ctx.task, train=True, mutable=["batch_stats"])
-        z = training.block(logits, ctx.task, block_size)
-        agree = jnp.mean(jnp.argmax(z, -1) == jnp.argmax(inputs.teacher, -1))
-        return losses.kd_kl(z, inputs.teacher, temperature), (new["batch_stats"], {"acc": agree})
-
-    return loss_fn
-
-
-def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: jax.Array, *, old_task: int = 0,
-             new_task: int = 1, method: str = "copy", importance_kind: str = "magnitude", keep: float = 0.5,
-             epochs: int = 5, distill_epochs: int | None = None, batch_size: int = 128, lr: float = 0.001,
-             temperature: float = 2.0, eval_batch_size: int = 512, progress: bool = False) -> dict:
-    """Deprecate ``old_model`` (trained on ``old_task``) in favour of ``new_model`` and continue learning.
-
-    ``method``: ``"copy"`` (valuable weights by ``importance_kind`` copied in and
-    frozen as the old task's share), ``"distill"`` (the old task's share, a
-    ``keep`` fraction drawn at random, distilled from the old model on the new
-    task's inputs: no old data), ``"auto"`` (copy when every valuable leaf fits,
-    else distill) or ``"none"`` (a fresh model). Then the new task trains the
-    remaining weights. Returns accuracies on the old task before, right after the
-    transfer and after the new task, the new task's, and what was copied.
-    """
-    k = block_size_of(scenario)
-    mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
-    old_t, new_t = scenario.tasks[old_task], scenario.tasks[new_task]
-    T = scenario.task_count
-    k_init, k_sel, k_dist, k_train = jax.random.split(key, 4)
-    params, batch_stats = models.init(new_model, k_init, scenario.input_shape)
-    kinds, old_kinds = models.leaf_kinds(params), models.leaf_kinds(old_vars["params"])
-    owner = masks.init_owners(params, kinds, (k,) * T)
-    plan = transfer_plan(old_vars["params"], params)
-    if method == "auto":
-        method = "copy" if all(v == "copy" for v in plan.values()) else "distill"
-    if method not in ("copy", "distill", "none"):
-        raise ValueError(f"unknown preservation method {method!r}; expected copy, distill, auto or none")
-    old_counts = evaluation.make_block_counts(old_model.apply, k, mean, std)
-    new_counts = evaluation.make_block_counts(new_model.apply, k, mean, std)
-    info = {"method": method, "importance": importance_kind, "keep": keep,
-            "old_acc": evaluation.block_accuracy(old_counts, old_vars, old_t.test, old_task, eval_batch_size),
-            "plan": plan}
-    tx = training.make_optimizer("adam", lr)
-    if method == "copy":
-        fisher = (training.fisher_diagonal(training.make_fisher(old_model.apply, k, mean, std), old_vars,
-                                           old_t.train, old_task)
-                  if importance_kind == "fisher" else None)
-        selection = select_valuable(importance(old_vars["params"], importance_kind, fisher), old_kinds, old_task,
-                                    keep, k)
-        params = transfer(old_vars["params"], params, selection)
-        batch_stats = transfer_batch_stats(old_vars["batch_stats"], batch_stats, old_task)
-        owner = transfer_owner(owner, selection, kinds, old_task)
-        sel_gated = [s for s, kd in zip(jax.tree.leaves(selection), jax.tree.leaves(old_kinds)) if kd == masks.GATED]
-        info["copied_gated"] = int(sum(int(s.sum()) for s in sel_gated))
-    elif method == "distill":
-        # a random ``keep`` share of every gated layer becomes the old task's
-        owner = masks.assign(owner, kinds, old_task, old_task + max(1, int(round(1 / max(keep, 1e-9)))),
-                             policy="random", key=k_sel)
-        params = masks.reinit_assigned(params, owner, kinds, old_task, "keep")
-        teacher = lambda ctx, x: training.block(old_model.apply(ctx.teacher, x, ctx.task, train=False),  # noqa: E731
-                                                ctx.task, k)
-        step = training.make_step(make_distill_loss(new_model.apply, k, temperature), tx,
-                                  training.augmenting(mean, std, teacher=teacher))
-        ctx = mind.Context(jnp.int32(old_task), masks.forward_mask(owner, old_task),
-                           masks.trainable_mask(owner, old_task), old_vars)
-        params, batch_stats, _ = training.run_phase(
-            step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
-            training.Phase(distill_epochs or epochs, batch_size, lr, 0.7), k_dist, desc="distill old model",
-            progress=progress)
-    gated_now = {"params": masks.gate(params, masks.forward_mask(owner, old_task)), "batch_stats": batch_stats}
-    info["transferred_acc"] = evaluation.block_accuracy(new_counts, gated_now, old_t.test, old_task, eval_batch_size)
-    # continue learning: the new task takes every weight the old task does not own
-    owner = masks.assign(owner, kinds, new_task, new_task + 1, policy="random", key=k_sel)
-    ctx = mind.Context(jnp.int32(new_task), masks.forward_mask(owner, new_task), masks.trainable_mask(owner, new_task))
-    step = training.make_step(mind.make_loss(new_model.apply, k), tx, training.augmenting(mean, std))
-    params, batch_stats, _ = training.run_phase(step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
-                                                training.Phase(epochs, batch_size, lr, 0.7), k_train, desc="continue",
-                                                progress=progress)
-    for name, t, split in (("retained_acc", old_task, old_t.test), ("new_task_acc", new_task, new_t.test)):
-        v = {"params": masks.gate(params, masks.forward_mask(owner, t)), "batch_stats": batch_stats}
-        info[name] = evaluation.block_accuracy(new_counts, v, split, t, eval_batch_size)
-    info["retained_fraction"] = info["retained_acc"] / max(info["old_acc"], 1e-9)
-    return info

@@ -1,4 +1,4 @@
-"""Collective distillation: ``python -m experiments.dkt --experiment collective --dataset mnist --agents 3``.
+"""Collective distillation: ``python -m experiments.collective --dataset mnist --agents 3``.
 
 The classes are cut into ``--task_count`` tasks dealt round-robin to
 ``--agents`` agents; each learns its tasks with MIND, and the agents exchange
@@ -12,6 +12,7 @@ results.json (accuracy per round's classes for every agent and rule, and the
 ``collective`` block: own / other / all-class accuracy and bytes sent per agent),
 collective.md (the table), collective.png (all-class accuracy over rounds) and
 one orbax checkpoint per round. Re-running the same command resumes.
+``python -m experiments.dkt --experiment collective ...`` runs this command.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 from experiments.common import (UsageError, add_config_flags, add_data_flags, config_from, config_of, guarded,
                                 show_progress)
 from modkd_jax import data, loop, rundir
-from modkd_jax.methods import collective, dkt, mind
+from modkd_jax.agents import TOPOLOGIES, default_devices
+from modkd_jax.methods import collective, mind
 
 NAMES = tuple(f.name for f in dataclasses.fields(collective.CollectiveConfig))
 HELPS = {"agents": "agents (2-10)", "task_count": "tasks the classes are cut into, dealt round-robin",
-         "topology": " or ".join(dkt.TOPOLOGIES), "hops": "exchange hops per round (0: agents - 1)",
+         "topology": " or ".join(TOPOLOGIES), "hops": "exchange hops per round (0: agents - 1)",
          "lam": "weight of the probe distillation (0: every agent alone)",
          "n_probe": "unlabelled probe images held out of every agent's training data",
          "top_k": "table entries sent per probe image (class id uint8 + score float16)",
@@ -39,16 +41,17 @@ VARIANT_ROWS = (("alone", "alone"), ("logits exchange", "agents"), ("weights exc
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.dkt --experiment collective", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.collective", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", choices=("collective",), default="collective")
+    p.add_argument("--experiment", choices=("collective",), default="collective",
+                   help="collective only (what python -m experiments.dkt --experiment collective passes on)")
     add_data_flags(p, default_dataset="mnist")
-    add_config_flags(p, collective.CollectiveConfig, NAMES, helps=HELPS, choices={"topology": dkt.TOPOLOGIES})
+    add_config_flags(p, collective.CollectiveConfig, NAMES, helps=HELPS, choices={"topology": TOPOLOGIES})
     p.add_argument("--mind_epochs", type=int, default=None,
                    help="MIND's teacher and distillation epochs per task (default: its dataset preset)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="validation share of each task (MIND's choices)")
-    p.add_argument("--devices", type=int, default=0,
-                   help="shard the agents axis over this many devices (0: all when they divide --agents)")
+    p.add_argument("--agent_devices", type=int, default=0,
+                   help="devices the agents axis is sharded over (0: all devices when they divide --agents)")
     p.add_argument("--workdir", default=None, help="run directory (default runs/collective_<dataset>_a<N>_s<seed>)")
     return p
 
@@ -67,10 +70,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(str(exc)) from exc
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val_fraction must be in (0, 1): MIND chooses tau on it, got {args.val_fraction}")
-    from experiments.dkt import default_devices
-
     return dict(experiment="collective", dataset=args.dataset, seed=args.seed, val_fraction=args.val_fraction,
-                devices=args.devices or default_devices(cfg.agents), collective=dataclasses.asdict(cfg),
+                agent_devices=args.agent_devices or default_devices(cfg.agents), collective=dataclasses.asdict(cfg),
                 mind=dataclasses.asdict(mind_cfg))
 
 
@@ -80,7 +81,7 @@ def build_world(cfg: dict, data_dir=None, tfds_dir=None) -> collective.World:
     try:
         return collective.setup(config_of(collective.CollectiveConfig, cfg["collective"]), ds,
                                 config_of(mind.MindConfig, cfg["mind"]), seed=cfg["seed"],
-                                val_fraction=cfg["val_fraction"], devices=cfg["devices"])
+                                val_fraction=cfg["val_fraction"], agent_devices=cfg["agent_devices"])
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -1,7 +1,8 @@
 """DKT end to end: ``python -m experiments.dkt --experiment agents --dataset mnist --agents 3``.
 
-``--experiment collective`` is ``experiments.collective`` (agents with
-non-forgetting learners distilling each other on a probe set; its own flags).
+``--experiment collective`` hands the command line to ``python -m
+experiments.collective`` (agents with non-forgetting learners distilling each
+other on a probe set; its own flags).
 Experiments: ``joint_teacher`` (a teacher trained on every class teaches a
 class-incremental student), ``continual_teacher`` (the teacher is a fine-tuning
 continual learner one experience ahead, refreshed each experience) and
@@ -26,19 +27,21 @@ import dataclasses
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from experiments import collective
 from experiments.common import (UsageError, add_config_flags, add_data_flags, config_from, config_of,
                                 guarded, show_progress)
 from modkd_jax import data, loop, rundir
+from modkd_jax.agents import TOPOLOGIES, default_devices
 from modkd_jax.methods import dkt
 from modkd_jax.models import two_head
 
 NAMES = tuple(f.name for f in dataclasses.fields(dkt.DKTConfig))
 HELPS = {
-    "experiment": f"one of {', '.join(dkt.EXPERIMENTS)}", "agents": "agents in the agents experiment (>= 2)",
-    "exchange": f"what travels: {' or '.join(dkt.MODES)}", "topology": f"{' or '.join(dkt.TOPOLOGIES)}",
+    "experiment": f"one of {', '.join(dkt.EXPERIMENTS)} (collective: python -m experiments.collective)",
+    "agents": "agents in the agents experiment (>= 2)",
+    "exchange": f"what travels: {' or '.join(dkt.MODES)}", "topology": f"{' or '.join(TOPOLOGIES)}",
     "exchange_every": "epochs between exchange rounds", "alone": "no exchange: each learner trained alone",
     "lam": "weight of the distillation loss", "kd": f"{' or '.join(dkt.KD_LOSSES)}",
     "backbone": f"one of {', '.join(two_head.BACKBONES)}",
@@ -55,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(p, dkt.DKTConfig, NAMES, helps=HELPS)
     p.add_argument("--task_count", type=int, default=None, help="experiences (default per dataset)")
     p.add_argument("--val_fraction", type=float, default=None, help="validation share (default per dataset)")
-    p.add_argument("--devices", type=int, default=0,
-                   help="shard agents over this many devices (0: all devices when they divide --agents)")
+    p.add_argument("--agent_devices", type=int, default=0,
+                   help="devices the agents axis is sharded over (0: all devices when they divide --agents)")
     p.add_argument("--compare", action="store_true", help="agents: run alone, probe and weights and tabulate")
     p.add_argument("--workdir", default=None, help="run directory (default runs/dkt_<experiment>_<dataset>_...)")
     return p
@@ -71,13 +74,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"--task_count must be at least 1, got {task_count}")
     return dict(dataset=args.dataset, seed=args.seed, task_count=task_count,
                 val_fraction=preset["val_fraction"] if args.val_fraction is None else args.val_fraction,
-                devices=args.devices or default_devices(cfg.agents), dkt=dataclasses.asdict(cfg))
-
-
-def default_devices(agents: int) -> int:
-    """All local devices when there are several and they divide the agents, else 1 (vmap on one device)."""
-    n = jax.device_count()
-    return n if n > 1 and agents % n == 0 else 1
+                agent_devices=args.agent_devices or default_devices(cfg.agents), dkt=dataclasses.asdict(cfg))
 
 
 def build_learner(cfg: dict, data_dir=None, tfds_dir=None):
@@ -85,7 +82,7 @@ def build_learner(cfg: dict, data_dir=None, tfds_dir=None):
     ds = data.load(cfg["dataset"], data_dir=data_dir, tfds_dir=tfds_dir)
     try:
         world = dkt.setup(config_of(dkt.DKTConfig, cfg["dkt"]), ds, cfg["task_count"], seed=cfg["seed"],
-                          devices=cfg["devices"], val_fraction=cfg["val_fraction"])
+                          agent_devices=cfg["agent_devices"], val_fraction=cfg["val_fraction"])
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return dkt.learner(world)
@@ -150,20 +147,16 @@ def comparison_table(runs: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def wants_collective(argv: list[str] | None) -> bool:
-    """Whether the command line asks for ``--experiment collective`` (its own CLI, ``experiments.collective``)."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    return "--experiment=collective" in argv or any(
-        a == "--experiment" and b == "collective" for a, b in zip(argv, argv[1:]))
+def experiment_of(argv: list[str] | None) -> str | None:
+    """The ``--experiment`` of a command line (argparse reads it; every other flag is left to the command)."""
+    dispatch = argparse.ArgumentParser(add_help=False)
+    dispatch.add_argument("--experiment", default=None)
+    return dispatch.parse_known_args(argv)[0].experiment
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    if wants_collective(argv):
-        from experiments import collective
-
+    if experiment_of(argv) == "collective":  # its own command, flags and run directory
         return collective.main(argv)
     args = parser().parse_args(argv)
     cfg = resolve_config(args)

@@ -32,7 +32,7 @@ MIND = mind.preset_config("digits", epochs=2, distill_epochs=2, hidden=(32, 32))
 
 
 def run(devices: int):
-    world = collective.setup(CFG, data.load("digits"), MIND, seed=3, devices=devices)
+    world = collective.setup(CFG, data.load("digits"), MIND, seed=3, agent_devices=devices)
     assert (world.mesh is None) == (devices == 1)
     state, trace = collective.init_state(world, jax.random.key(0)), []
     for r in range(world.rounds):

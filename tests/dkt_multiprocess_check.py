@@ -33,7 +33,7 @@ def main() -> int:
     assert jax.device_count() == 4, jax.devices()
     cfg = dkt.DKTConfig(agents=4, hidden=(32, 32), epochs=2, batch_size=32, probe_batch_size=16, n_probe=64,
                         lr=0.05, optimizer="sgd", eval_batch_size=360, exchange="probe")
-    world = dkt.setup(cfg, data.load("digits"), 5, seed=0, devices=1 if sys.argv[2] == "vmapped" else 4)
+    world = dkt.setup(cfg, data.load("digits"), 5, seed=0, agent_devices=1 if sys.argv[2] == "vmapped" else 4)
     res = loop.run(dkt.learner(world), {"seed": 0}, None, echo=None)
     record = {"R": {r: np.asarray(m).tolist() for r, m in res["accuracy_matrix"].items()},
               "bytes": res["exchange"]["bytes_sent_per_agent"], "processes": jax.process_count()}

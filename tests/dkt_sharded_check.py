@@ -33,8 +33,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modkd_jax import data, loop  # noqa: E402
-from modkd_jax.methods import dkt  # noqa: E402
+from modkd_jax import agents, data, loop  # noqa: E402
+from modkd_jax.methods import dkt, dkt_data  # noqa: E402
 
 AGENTS, TASKS = 8, 5
 COLLECTIVES = ("ppermute", "psum", "all_gather", "all_to_all", "pmax", "pmin", "reduce_scatter", "psum_scatter")
@@ -45,10 +45,10 @@ def check_exchange():
     tree = {"a": jnp.arange(AGENTS * 6, dtype=jnp.float32).reshape(AGENTS, 3, 2),
             "b": jnp.arange(AGENTS, dtype=jnp.int32) * 7}
     for devices in (2, 4, 8):
-        mesh = dkt.make_mesh(devices)
-        placed = dkt.place(tree, mesh)
+        mesh = agents.make_mesh(devices)
+        placed = agents.place(tree, mesh)
         for shift in range(AGENTS + 2):
-            got = dkt.shift_agents(placed, shift, mesh)
+            got = agents.shift_agents(placed, shift, mesh)
             want = jax.tree.map(lambda x: jnp.roll(x, -shift, 0), tree)
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -80,12 +80,12 @@ def check_runs(ds, mode):
     cfg = dkt.DKTConfig(agents=AGENTS, hidden=(32, 32), epochs=1, batch_size=32, probe_batch_size=16, n_probe=64,
                         lr=0.05, optimizer="sgd", exchange=mode, topology="gossip" if mode == "probe" else "ring",
                         eval_batch_size=360)
-    vmapped = dkt.setup(cfg, ds, TASKS, seed=3, devices=1)
-    sharded = dkt.setup(cfg, ds, TASKS, seed=3, devices=8)
+    vmapped = dkt.setup(cfg, ds, TASKS, seed=3, agent_devices=1)
+    sharded = dkt.setup(cfg, ds, TASKS, seed=3, agent_devices=8)
     s_v, p_v, r_v = run(vmapped)
     s_s, p_s, r_s = run(sharded)
     for leaf in jax.tree.leaves(s_s["learners"]["params"]):  # one agent per device, really sharded
-        assert leaf.sharding.spec == P(dkt.AXIS) and len(leaf.sharding.device_set) == 8, leaf.sharding
+        assert leaf.sharding.spec == P(agents.AXIS) and len(leaf.sharding.device_set) == 8, leaf.sharding
         assert all(sh.data.shape[0] == 1 for sh in leaf.addressable_shards)
     assert p_v == p_s, (p_v, p_s)
     worst = 0.0
@@ -117,10 +117,10 @@ def check_resume(world, rows):
 def check_traffic(world, state):
     """The sharded step has no collective; the probe exchange moves only (1, n_probe, C) logits per device."""
     t = 0
-    seen = np.stack([dkt.seen_mask(s, t, world.num_classes) for s in world.scenarios])
-    data_t = dkt.experience_data(world, [s.tasks[t].train for s in world.scenarios], seen, world.mesh)
-    per_agent, shared, _ = dkt.epoch_inputs(world, data_t, 1.0, dkt.epoch_rngs(world, 0, AGENTS, t, 0),
-                                            dkt.epoch_keys(world, 0, AGENTS, t, 0), world.mesh)
+    seen = np.stack([agents.class_mask(s, t + 1, world.num_classes) for s in world.scenarios])
+    data_t = dkt_data.experience_data(world, [s.tasks[t].train for s in world.scenarios], seen, world.mesh)
+    per_agent, shared, _ = dkt_data.epoch_inputs(world, data_t, 1.0, dkt_data.epoch_rngs(world, 0, AGENTS, t, 0),
+                                            dkt_data.epoch_keys(world, 0, AGENTS, t, 0), world.mesh)
     inbox = state["inbox"]
     step_jaxpr = jax.make_jaxpr(world.fns["step"])(state["learners"], inbox["message"], inbox["has_teacher"],
                                                    per_agent, shared)
@@ -132,7 +132,7 @@ def check_traffic(world, state):
     message = dkt.send(world, state["learners"], seen, world.mesh)
     moves = []
     for shift in range(1, AGENTS):
-        jaxpr = jax.make_jaxpr(lambda m: dkt.shift_agents(m, shift, world.mesh))(message)
+        jaxpr = jax.make_jaxpr(lambda m: agents.shift_agents(m, shift, world.mesh))(message)
         moves += [tuple(v.aval.shape) for e in primitives(jaxpr.jaxpr) if e.primitive.name == "ppermute"
                   for v in e.invars]
     assert moves and set(moves) == {(1, world.cfg.n_probe, world.num_classes)}, set(moves)

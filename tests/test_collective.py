@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import dkt as dkt_cli
-from modkd_jax import data
+from modkd_jax import agents, data
 from modkd_jax.methods import collective, mind
+from modkd_jax.methods import collective_tables as tables
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(agents=3, task_count=5, n_probe=120, student_hidden=(64,), student_epochs=30, joint_epochs=2,
@@ -72,11 +73,11 @@ def test_only_top_k_scores_of_the_probe_images_cross(traced):
     # the first hop carries exactly each sender's top-k of its own scores, computed from the probe images
     # alone (task 0's sub-network and Gaussians are frozen once learnt: the final state recomputes them)
     first = trace[0]
-    shift = collective.dkt.round_shift("ring", A, 0, 0)
+    shift = agents.round_shift("ring", A, 0, 0)
     for a in range(A):
         b = (a + shift) % A
-        own = collective.table_of(world.tables[b], collective.model_of(state["agents"][b]), world.probe_x, 1, 400)
-        want = jax.tree.map(np.asarray, collective.top_k_message(jnp.asarray(own), k))
+        own = tables.table_of(world.tables[b], tables.model_of(state["agents"][b]), world.probe_x, 1, 400)
+        want = jax.tree.map(np.asarray, tables.top_k_message(jnp.asarray(own), k))
         np.testing.assert_array_equal(first["classes"][a], want["classes"])
         np.testing.assert_array_equal(first["scores"][a], want["scores"])
         assert set(np.unique(first["classes"][a])) <= set(world.agent_scenarios[b].tasks[0].classes)
@@ -97,9 +98,9 @@ def test_relay_brings_every_class_to_every_agent():
     own_table = np.where(own[:, None, :], rng.normal(size=(A, n, C)) * 10, -np.inf).astype(np.float32)
     table = own_table.copy()
     for _ in range(A - 1):
-        message = jax.vmap(lambda t: collective.top_k_message(t, 2))(jnp.asarray(table))
+        message = jax.vmap(lambda t: tables.top_k_message(t, 2))(jnp.asarray(table))
         message = jax.tree.map(lambda x: jnp.roll(x, -1, 0), message)
-        table = np.asarray(jax.vmap(lambda t, m, o, ot: collective.merge(t, collective.dense(m, C), o, ot))(
+        table = np.asarray(jax.vmap(lambda t, m, o, ot: tables.merge(t, tables.dense(m, C), o, ot))(
             jnp.asarray(table), message, own, own_table))
     best = np.max(own_table, axis=0)  # every agent's dense table merged
     for a in range(A):
@@ -170,13 +171,30 @@ def test_cli_writes_the_collective_block_and_resumes(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule], float), np.asarray(R, float))
 
 
+@pytest.mark.parametrize("entry", ["collective", "dkt"])
 @pytest.mark.parametrize("argv, message", [
     (["--agents", "1"], "agents must be in [2, 10]"),
     (["--agents", "4", "--task_count", "2"], "every agent needs a task"),
     (["--n_probe", "5000"], "n_probe must be in"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    argv = ["--experiment", "collective", "--dataset", "digits", "--workdir", str(tmp_path / "w")] + argv
-    assert dkt_cli.main(argv) == 2
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message, entry):
+    """Both ``python -m experiments.collective`` and ``python -m experiments.dkt --experiment collective``."""
+    from experiments import collective as cli
+
+    main = dkt_cli.main if entry == "dkt" else cli.main
+    lead = ["--experiment", "collective"] if entry == "dkt" else []
+    argv = lead + ["--dataset", "digits", "--workdir", str(tmp_path / "w")] + argv
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_the_collective_cli_stands_alone():
+    """experiments.collective imports nothing of experiments.dkt; the dkt command only dispatches to it."""
+    code = "import sys, experiments.collective; assert 'experiments.dkt' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for argv in (["--experiment", "collective"], ["--experiment=collective", "--agents", "3"],
+                 ["--dataset", "digits", "--experiment", "collective"]):
+        assert dkt_cli.experiment_of(argv) == "collective"
+    assert dkt_cli.experiment_of(["--agents", "3"]) is None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import dkt as cli
-from modkd_jax import data, loop, losses, models
+from modkd_jax import agents, data, loop, losses, models
 from modkd_jax.methods import dkt
 from modkd_jax.models import two_head
 
@@ -76,7 +76,7 @@ def test_probe_set_is_held_out_of_every_agent(digits):
 def test_probe_mode_sends_only_probe_logits(digits):
     world = dkt.setup(dkt.DKTConfig(**TINY, agents=3, exchange="probe"), digits, 5, seed=0)
     state, prog, _ = _train(world, 2)
-    seen = np.stack([dkt.seen_mask(s, 1, 10) for s in world.scenarios])
+    seen = np.stack([agents.class_mask(s, 2, 10) for s in world.scenarios])
     message = dkt.send(world, state["learners"], seen, None)
     leaves = jax.tree_util.tree_leaves_with_path(message)
     assert [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in leaves] == [
@@ -94,7 +94,7 @@ def test_probe_mode_sends_only_probe_logits(digits):
     assert len(jaxpr.jaxpr.invars) == len(jax.tree.leaves((state["learners"], seen, shared)))
     np.testing.assert_array_equal(message["logits"], dkt.send(world, state["learners"], seen, None)["logits"])
     # the receiver gets exactly its ring neighbour's logits, and learns which classes they cover
-    inbox = dkt.receive(world, state["inbox"], dkt.shift_agents(message, 1, None), None)
+    inbox = dkt.receive(world, state["inbox"], agents.shift_agents(message, 1, None), None)
     np.testing.assert_array_equal(inbox["message"]["logits"], np.roll(message["logits"], -1, 0))
     np.testing.assert_array_equal(inbox["taught"], np.roll(seen, -1, 0) | np.asarray(state["inbox"]["taught"]))
     assert prog["bytes_sent"] == [64 * 10 * 4 * prog["rounds"]] * 3
@@ -205,7 +205,7 @@ def test_compare_table_reads_the_results(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--agents", "1"], "at least 2"),
-    (["--agents", "3", "--devices", "2"], "devices"),
+    (["--agents", "3", "--agent_devices", "2"], "devices"),
     (["--experiment", "joint_teacher", "--compare"], "--compare"),
     (["--exchange_every", "0"], "at least 1"),
     (["--exchange", "gossip"], "unknown exchange"),

@@ -31,9 +31,11 @@ on its own tasks' validation splits (``choose_gates``: the largest threshold
 that keeps its own-class accuracy within ``gate_tolerance`` of the agent
 alone's). With nothing taught (``lam == 0``) the agent is exactly its own learner.
 
-All students and tables live on a leading agents axis (``dkt.on_agents``:
+All students and tables live on a leading agents axis (``agents.on_agents``:
 vmapped, or ``shard_map`` over a mesh) and move between agents only through
-``dkt.shift_agents``; the MIND learners are per agent (their task counts differ).
+``agents.shift_agents``; the MIND learners are per agent (their task counts differ).
+The tables, their messages and exchanges are ``methods.collective_tables``; the
+students, the central model and the gates ``methods.collective_students``.
 """
 
 from __future__ import annotations
@@ -45,21 +47,24 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from modkd_jax import evaluation, losses, models, routing, task_inference, training
+from modkd_jax import models
+from modkd_jax.agents import (TOPOLOGIES, check_split, class_mask, make_mesh, place, probe_holdout, stack_splits,
+                              tree_bytes)
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, class_split
 from modkd_jax.data.sources import Dataset
 from modkd_jax.learner import Learner
-from modkd_jax.methods import dkt, mind
+from modkd_jax.methods import mind
+from modkd_jax.methods.collective_students import (GATES, choose_gates, gated, init_students, make_student_fns,
+                                                   student_view, train_joint, train_students)
+from modkd_jax.methods.collective_tables import exchange_probe, exchange_weights, make_table, own_tables
+from modkd_jax.methods.kit import norm_of
 
 PyTree = Any
 VARIANTS = ("probe", "weights")  # what travels: top-k table entries, or the learners' models
 RULES = ("collective", "weights", "alone", "student")  # per agent: accuracy on each round's classes
 RULE_OF = {"probe": "collective", "weights": "weights"}
-GATES = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01)  # own-class mass thresholds, largest first
-NEG = -jnp.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +90,8 @@ class CollectiveConfig:
         checks = [(2 <= self.agents <= 10, f"agents must be in [2, 10], got {self.agents}"),
                   (self.task_count >= self.agents, f"task_count {self.task_count} < agents {self.agents}: "
                                                    "every agent needs a task"),
-                  (self.topology in dkt.TOPOLOGIES, f"unknown topology {self.topology!r}; expected one of "
-                                                    f"{dkt.TOPOLOGIES}"),
+                  (self.topology in TOPOLOGIES, f"unknown topology {self.topology!r}; expected one of "
+                                                    f"{TOPOLOGIES}"),
                   (self.hops >= 0 and self.lam >= 0, "hops and lam must be >= 0"),
                   (0 <= self.gate_tolerance < 1, f"gate_tolerance must be in [0, 1), got {self.gate_tolerance}"),
                   (min(self.n_probe, self.top_k, self.student_epochs, self.joint_epochs, self.batch_size,
@@ -117,126 +122,6 @@ def rounds_of(scenarios: list[Scenario]) -> int:
 def round_classes(scenarios: list[Scenario], r: int) -> np.ndarray:
     """The classes of every agent's task ``r`` (the column ``r`` of the accuracy rows)."""
     return np.concatenate([s.tasks[r].classes for s in scenarios if r < s.task_count])
-
-
-def own_mask(scenario: Scenario, learnt: int, num_classes: int) -> np.ndarray:
-    """Boolean ``[C]``: the classes of the agent's first ``learnt`` tasks."""
-    mask = np.zeros(num_classes, bool)
-    for task in scenario.tasks[:learnt]:
-        mask[task.classes] = True
-    return mask
-
-
-# ---------------------------------------------------------------------------- joint score tables
-
-
-def make_table(m: mind.Mind, classes: np.ndarray, num_classes: int) -> Callable:
-    """``table(params, batch_stats, owner, inference, x, seen) -> (B, C)``: one MIND learner's joint scores.
-
-    ``log p(x | t) + log softmax(z_t(x))`` for the classes of its first ``seen`` tasks, ``-inf`` elsewhere.
-    """
-    mean, std = (jnp.asarray(v, jnp.float32) for v in m.scenario.norm)
-    cols = jnp.asarray(classes.reshape(-1), jnp.int32)
-    T, k = classes.shape
-
-    @jax.jit
-    def table(params, batch_stats, owner, inference, x, seen):
-        logits = routing.subnet_logits(m.student.apply, params, batch_stats, owner, batching.to_float(x, mean, std),
-                                       T, k)
-        density = task_inference.scores("gauss_input", logits, seen, x=task_inference.pixels(x), stats=inference)
-        joint = density[..., None] + jax.nn.log_softmax(logits, axis=-1)  # (T, B, k)
-        joint = jnp.where((jnp.arange(T) < seen)[:, None, None], joint, NEG)
-        return jnp.full((x.shape[0], num_classes), NEG).at[:, cols].set(
-            jnp.transpose(joint, (1, 0, 2)).reshape(x.shape[0], T * k))
-
-    return table
-
-
-def model_of(state: PyTree) -> PyTree:
-    """What the weights exchange sends of a MIND learner: everything its table needs (weights, owner map,
-    batch statistics and its pixel Gaussians)."""
-    return {"params": state["params"], "batch_stats": state["batch_stats"], "owner": state["owner"],
-            "inference": {"gauss_input": state["inference"]["gauss_input"]}}
-
-
-def table_of(table: Callable, model: PyTree, x: np.ndarray, seen: int, batch_size: int) -> np.ndarray:
-    """``table`` of ``model`` on every image of ``x`` (``evaluation.features_of``'s padded batches): ``(n, C)``."""
-    return np.asarray(evaluation.features_of(table, (model["params"], model["batch_stats"], model["owner"],
-                                                     model["inference"]), x, seen, batch_size))
-
-
-def top_k_message(table: jax.Array, k: int) -> dict[str, jax.Array]:
-    """What a probe-mode agent sends: per probe image its ``k`` best classes (uint8) and scores (float16)."""
-    scores, classes = jax.lax.top_k(table, k)
-    return {"classes": classes.astype(jnp.uint8), "scores": scores.astype(jnp.float16)}
-
-
-def dense(message: dict[str, jax.Array], num_classes: int) -> jax.Array:
-    """A message as a ``(n, C)`` table (``-inf`` where it says nothing)."""
-    n = message["classes"].shape[0]
-    rows = jnp.arange(n)[:, None]
-    return jnp.full((n, num_classes), NEG).at[rows, message["classes"].astype(jnp.int32)].max(
-        message["scores"].astype(jnp.float32))
-
-
-def merge(table: jax.Array, received: jax.Array, own: jax.Array, own_table: jax.Array) -> jax.Array:
-    """An agent's table after a message: its own classes from its own learner, the rest the best known."""
-    return jnp.where(own, own_table, jnp.maximum(table, received))
-
-
-# ---------------------------------------------------------------------------- students
-
-
-def make_student_fns(cfg: CollectiveConfig, num_classes: int, norm, mesh) -> dict[str, Callable]:
-    """The student's network, optimizer, train step and logits on the agents axis (``dkt.on_agents``)."""
-    net = models.build("mlp", num_classes, 1, hidden=tuple(cfg.student_hidden))
-    tx = optax.adam(cfg.lr)
-    mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
-
-    def loss_fn(params, batch_stats, inputs, ctx):
-        variables = {"params": params, "batch_stats": batch_stats}
-        n = inputs["x"].shape[0]  # own and probe rows in one pass: one set of batch-norm statistics for both
-        z, new = net.apply(variables, jnp.concatenate([inputs["x"], inputs["probe_x"]]), 0, train=True,
-                           mutable=["batch_stats"])
-        z, zp = z[:n], z[n:]
-        ce = losses.cross_entropy(losses.masked_logits(z, ctx["taught"]), inputs["y"])
-        target = losses.masked_logits(inputs["target"], inputs["target"] > NEG)
-        kd = losses.kd_kl(losses.masked_logits(zp, ctx["taught"]), target, 1.0)
-        loss = ctx["own_weight"] * ce + ctx["lam"] * kd
-        return loss, (new["batch_stats"], {"ce": ce, "kd": kd})
-
-    def prepare(batch, key, ctx):
-        del key
-        return {"x": batching.to_float(batch["x"], mean, std), "y": batch["y"],
-                "probe_x": batching.to_float(ctx["probe_x"][batch["probe"]], mean, std),
-                "target": ctx["table"][batch["probe"]]}
-
-    step = training.make_step(loss_fn, tx, prepare, jit=False)
-
-    def agent_step(student, data, table, ctx, shared):
-        s = shared["s"]
-        rows = data["idx"][s]
-        batch = {"x": data["x"][rows], "y": data["y"][rows], "probe": shared["pidx"][s]}
-        c = {**ctx, "table": table, "probe_x": shared["probe_x"], "lam": shared["lam"]}
-        carry, metrics = step((student["params"], student["batch_stats"], student["opt"]), batch, None, c)
-        return {"params": carry[0], "batch_stats": carry[1], "opt": carry[2]}, metrics
-
-    def logits(student, taught, x):
-        z = net.apply({"params": student["params"], "batch_stats": student["batch_stats"]},
-                      batching.to_float(x, mean, std), 0, train=False)
-        return losses.masked_logits(z, taught)
-
-    def send(table, k):
-        return top_k_message(table, k)
-
-    def receive(table, message, own, own_table):
-        return merge(table, dense(message, num_classes), own, own_table)
-
-    return {"net": net, "tx": tx,
-            "step": dkt.on_agents(agent_step, mesh, 4, donate=(0,)),
-            "logits": dkt.on_agents(logits, mesh, 2),
-            "send": dkt.on_agents(lambda table, shared: send(table, cfg.top_k), mesh, 1),
-            "receive": dkt.on_agents(lambda t, m, o, ot, shared: receive(t, m, o, ot), mesh, 4)}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -272,7 +157,7 @@ class World:
 
 
 def setup(cfg: CollectiveConfig, ds: Dataset, mind_cfg: mind.MindConfig, *, seed: int = 0,
-          val_fraction: float = 0.1, devices: int = 1) -> World:
+          val_fraction: float = 0.1, agent_devices: int = 1) -> World:
     """Probe hold-out, class order, the agents' tasks and learners, the students' compiled functions.
 
     Args:
@@ -282,13 +167,12 @@ def setup(cfg: CollectiveConfig, ds: Dataset, mind_cfg: mind.MindConfig, *, seed
         the densities the tables compare across agents).
       seed: class order, probe set, weights, batches and gossip derive from it.
       val_fraction: validation share of each task's training data (MIND's choices).
-      devices: devices the agents axis is sharded over (1: vmapped).
+      agent_devices: devices the agents axis is sharded over (1: vmapped).
     """
-    if devices > 1 and cfg.agents % devices:
-        raise ValueError(f"{cfg.agents} agents cannot be split evenly over {devices} devices")
+    check_split(cfg.agents, agent_devices)
     if ds.num_classes > 256:
         raise ValueError("uint8 class ids in the messages: at most 256 classes")
-    rest, probe_x, probe_index = dkt.probe_holdout(ds, cfg.n_probe, seed)
+    rest, probe_x, probe_index = probe_holdout(ds, cfg.n_probe, seed)
     scenario = class_split(rest, cfg.task_count, seed=seed, val_fraction=val_fraction)
     agent_scenarios = tuple(deal(scenario, cfg.agents))
     mind_cfg = dataclasses.replace(mind_cfg, inference=dataclasses.replace(mind_cfg.inference,
@@ -298,21 +182,11 @@ def setup(cfg: CollectiveConfig, ds: Dataset, mind_cfg: mind.MindConfig, *, seed
                    for m, s in zip(minds, agent_scenarios))
     joint = (np.concatenate([t.train.x for t in scenario.tasks]),
              np.concatenate([t.train.y_global for t in scenario.tasks]))
-    mesh = dkt.make_mesh(devices)
+    mesh = make_mesh(agent_devices)
     return World(cfg, seed, scenario, agent_scenarios, minds, tables, probe_x,
-                 dkt.place(probe_x, mesh, shared=True), probe_index, ds.test_x,
+                 place(probe_x, mesh, shared=True), probe_index, ds.test_x,
                  ds.test_y.astype(np.int32), joint, ds.num_classes, mesh,
                  make_student_fns(cfg, ds.num_classes, scenario.norm, mesh))
-
-
-def init_students(world: World, key: jax.Array) -> PyTree:
-    """Fresh students, one per agent (keys folded in per agent), stacked on the agents axis."""
-    per = [models.init(world.fns["net"], jax.random.fold_in(key, a), world.scenario.input_shape)
-           for a in range(world.agents)]
-    params = jax.tree.map(lambda *v: np.stack(v), *[p for p, _ in per])
-    bs = jax.tree.map(lambda *v: np.stack(v), *[b for _, b in per])
-    return dkt.place({"params": params, "batch_stats": bs, "opt": jax.vmap(world.fns["tx"].init)(params)},
-                     world.mesh)
 
 
 def init_state(world: World, key: jax.Array) -> PyTree:
@@ -323,7 +197,7 @@ def init_state(world: World, key: jax.Array) -> PyTree:
     return {
         "agents": [mind.init_state(m, jax.random.fold_in(k_agents, a)) for a, m in enumerate(world.minds)],
         "students": {v: init_students(world, jax.random.fold_in(k_students, i)) for i, v in enumerate(VARIANTS)},
-        "tables": {v: dkt.place(np.full((A, n, C), -np.inf, np.float32), world.mesh) for v in VARIANTS},
+        "tables": {v: place(np.full((A, n, C), -np.inf, np.float32), world.mesh) for v in VARIANTS},
         "taught": {v: np.zeros((A, C), bool) for v in VARIANTS},
         "gates": {v: np.full(A, GATES[0], np.float32) for v in VARIANTS},
         "bytes_sent": {v: np.zeros(A, np.int64) for v in VARIANTS},
@@ -339,110 +213,14 @@ def learnt_after(world: World, r: int) -> list[int]:
 
 def own_masks(world: World, learnt: list[int]) -> np.ndarray:
     """``[A, C]``: each agent's own classes so far."""
-    return np.stack([own_mask(s, n, world.num_classes) for s, n in zip(world.agent_scenarios, learnt)])
-
-
-def own_tables(world: World, agents: list, learnt: list[int], x: np.ndarray) -> np.ndarray:
-    """``[A, n, C]``: every agent's own joint scores on ``x`` (``-inf`` outside its learnt classes)."""
-    return np.stack([table_of(world.tables[a], model_of(agents[a]), x, learnt[a], world.cfg.eval_batch_size)
-                     for a in range(world.agents)])
-
-
-def exchange_probe(world: World, table: jax.Array, own: np.ndarray, own_table: np.ndarray, hop0: int,
-                   trace: list | None = None) -> tuple[jax.Array, np.ndarray]:
-    """``hops_per_round`` hops of top-k messages on the agents axis; returns the table and bytes sent per agent.
-
-    ``trace`` (tests) receives every message as it crossed.
-    """
-    A, mesh = world.agents, world.mesh
-    own_d, own_table_d = dkt.place(own, mesh), dkt.place(own_table, mesh)
-    table = dkt.place(np.where(own[:, None, :], own_table, np.asarray(table)).astype(np.float32), mesh)
-    sent = np.zeros(A, np.int64)
-    for h in range(world.cfg.hops_per_round):
-        shift = dkt.round_shift(world.cfg.topology, A, world.seed, hop0 + h)
-        message = dkt.shift_agents(world.fns["send"](table, {}), shift, mesh)
-        if trace is not None:
-            trace.append(jax.tree.map(np.asarray, message))
-        sent += dkt.tree_bytes(message) // A
-        table = world.fns["receive"](table, message, own_d, own_table_d, {})
-    return table, sent
-
-
-def exchange_weights(world: World, table: np.ndarray, agents: list, learnt: list[int], own: np.ndarray,
-                     own_table: np.ndarray, hop0: int) -> tuple[np.ndarray, np.ndarray]:
-    """The weights baseline: each hop, every agent forwards every model it holds; receivers compute their tables."""
-    A = world.agents
-    held = [{a: model_of(agents[a])} for a in range(A)]
-    sent = np.zeros(A, np.int64)
-    table = np.array(table)
-    for h in range(world.cfg.hops_per_round):
-        shift = dkt.round_shift(world.cfg.topology, A, world.seed, hop0 + h)
-        incoming = [dict(held[(a + shift) % A]) for a in range(A)]
-        for a in range(A):
-            src = (a + shift) % A
-            sent[src] += sum(dkt.tree_bytes(m) for m in incoming[a].values())
-            for origin, model in incoming[a].items():
-                if origin != a and origin not in held[a]:
-                    received = table_of(world.tables[origin], model, world.probe_x, learnt[origin],
-                                        world.cfg.eval_batch_size)
-                    table[a] = np.maximum(table[a], received)
-            held[a].update(incoming[a])
-        table = np.where(own[:, None, :], own_table, table)
-    return table, sent
-
-
-def train_students(world: World, students: PyTree, table, taught: np.ndarray, data: dict, lam: float,
-                   r: int, variant: int, epochs: int) -> PyTree:
-    """``epochs`` passes over the probe set for every student at once, with batches of its own current task."""
-    cfg, A, mesh = world.cfg, world.agents, world.mesh
-    steps = max(1, len(world.probe_x) // cfg.batch_size)
-    ctx = dkt.place({"taught": taught, "own_weight": data["own_weight"]}, mesh)
-    for e in range(epochs):
-        rngs = [np.random.default_rng([world.seed, 31, variant, a, r, e]) for a in range(A)]
-        idx = np.stack([rng.integers(0, max(int(n), 1), (steps, cfg.batch_size)) for rng, n in zip(rngs, data["n"])])
-        pidx = np.random.default_rng([world.seed, 37, variant, r, e]).permutation(len(world.probe_x))
-        pidx = pidx[: steps * cfg.batch_size].reshape(steps, cfg.batch_size).astype(np.int32)
-        per = {"x": data["x"], "y": data["y"], **dkt.place({"idx": idx.astype(np.int32)}, mesh)}
-        shared = {"probe_x": world.probe_device, "pidx": pidx, "lam": np.float32(lam)}
-        for s in range(steps):
-            students, _ = world.fns["step"](students, per, table, ctx, {**shared, "s": np.int32(s)})
-    return students
+    return np.stack([class_mask(s, n, world.num_classes) for s, n in zip(world.agent_scenarios, learnt)])
 
 
 def current_data(world: World, r: int) -> dict:
     """Every agent's training data of its task ``r`` on the agents axis (zero rows, weight 0, if it has none)."""
     splits = [s.tasks[r].train if r < s.task_count else None for s in world.agent_scenarios]
-    n_max = max(len(t.train) for t in world.scenario.tasks)
-    x = np.zeros((world.agents, n_max, *world.scenario.input_shape), np.uint8)
-    y = np.zeros((world.agents, n_max), np.int32)
-    n = np.zeros(world.agents, np.int64)
-    for a, sp in enumerate(splits):
-        if sp is not None:
-            n[a] = len(sp)
-            x[a, : n[a]], y[a, : n[a]] = sp.x, sp.y_global
-    return {**dkt.place({"x": x, "y": y}, world.mesh), "n": n, "own_weight": (n > 0).astype(np.float32)}
-
-
-def train_joint(world: World, joint: PyTree, key: jax.Array) -> PyTree:
-    """The central model: the student network trained on every agent's data, all classes (upper bound)."""
-    cfg = world.cfg
-    net, mean, std = world.fns["net"], *(jnp.asarray(v, jnp.float32) for v in world.scenario.norm)
-
-    def loss_fn(params, batch_stats, inputs, ctx):
-        z, new = net.apply({"params": params, "batch_stats": batch_stats}, inputs.x, 0, train=True,
-                           mutable=["batch_stats"])
-        ce = losses.cross_entropy(z, inputs.y)
-        return ce, (new["batch_stats"], {})
-
-    step = training.make_step(loss_fn, world.fns["tx"], training.augmenting(mean, std))
-    x, y = world.joint_train
-    carry = (joint["params"], joint["batch_stats"], world.fns["tx"].init(joint["params"]))
-    for e in range(cfg.joint_epochs):
-        order = np.random.default_rng([world.seed, 41, e]).permutation(len(y))
-        for s in range(len(y) // cfg.batch_size):
-            rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            carry, _ = step(carry, training.Batch(x[rows], y[rows]), jax.random.fold_in(key, s), None)
-    return {"params": carry[0], "batch_stats": carry[1]}
+    x, y, n = stack_splits(splits, max(len(t.train) for t in world.scenario.tasks))
+    return {**place({"x": x, "y": y}, world.mesh), "n": n, "own_weight": (n > 0).astype(np.float32)}
 
 
 def learn_round(world: World, state: PyTree, r: int, key: jax.Array, log=None, progress: bool = False,
@@ -469,14 +247,14 @@ def learn_round(world: World, state: PyTree, r: int, key: jax.Array, log=None, p
     students, gates = dict(state["students"]), dict(state["gates"])
     for i, v in enumerate(VARIANTS):
         if lam == 0:  # the agent alone: nothing sent, nothing taught
-            tables[v] = dkt.place(np.where(own[:, None, :], own_table, -np.inf).astype(np.float32), world.mesh)
+            tables[v] = place(np.where(own[:, None, :], own_table, -np.inf).astype(np.float32), world.mesh)
             taught[v] = own
             continue
         if v == "probe":
             table, b = exchange_probe(world, tables[v], own, own_table, hop0, trace)
         else:
             table, b = exchange_weights(world, np.asarray(tables[v]), agents, learnt, own, own_table, hop0)
-        tables[v] = dkt.place(np.asarray(table, np.float32), world.mesh)
+        tables[v] = place(np.asarray(table, np.float32), world.mesh)
         sent[v] = np.asarray(sent[v]) + b
         taught[v] = own | np.isfinite(np.asarray(table)).any(axis=1)
         students[v] = train_students(world, students[v], tables[v], taught[v], data, lam, r, i, cfg.student_epochs)
@@ -491,47 +269,6 @@ def learn_round(world: World, state: PyTree, r: int, key: jax.Array, log=None, p
 
 
 # ---------------------------------------------------------------------------- evaluation
-
-
-def student_view(world: World, students: PyTree, taught: np.ndarray, own: np.ndarray, x: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What every agent's student says of ``x``: own-class mass, best other class, best class (each ``[A, n]``)."""
-    z = np.concatenate([np.asarray(world.fns["logits"](students, dkt.place(taught, world.mesh), xb))[:, valid]
-                        for xb, _, valid in evaluation.pad_batches(x, np.zeros(len(x), np.int32),
-                                                                   world.cfg.eval_batch_size)], axis=1)
-    p = np.asarray(jax.nn.softmax(z, axis=-1))
-    own_mass = np.sum(np.where(own[:, None, :], p, 0.0), axis=-1)
-    other = np.argmax(np.where(own[:, None, :] | ~taught[:, None, :], -np.inf, z), axis=-1)
-    return own_mass, other, np.argmax(z, axis=-1)
-
-
-def gated(alone: np.ndarray, own_mass: np.ndarray, other: np.ndarray, gate, knows_others: np.ndarray) -> np.ndarray:
-    """The agent's class: its own learner's when its student gives its own classes at least ``gate`` of the
-    mass (or it knows no other class), else the student's best other class."""
-    keep = (own_mass >= np.asarray(gate)[:, None]) | ~knows_others[:, None]
-    return np.where(keep, alone, other)
-
-
-def choose_gates(world: World, agents: list, students: PyTree, taught: np.ndarray, learnt: list[int],
-                 own: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-    """Each agent's gate, on its own tasks' validation splits (never test): the largest of ``GATES`` whose
-    own-class accuracy is within ``gate_tolerance`` of the agent alone's. Returns ``(gates [A], evidence)``."""
-    gates, evidence = np.full(world.agents, GATES[-1], np.float32), []
-    vals = [[t.val for t in s.tasks[:n]] for s, n in zip(world.agent_scenarios, learnt)]
-    x = np.concatenate([v.x for per in vals for v in per])
-    y = np.concatenate([v.y_global for per in vals for v in per])
-    owner = np.concatenate([np.full(len(v.y), a) for a, per in enumerate(vals) for v in per])
-    own_mass, other, _ = student_view(world, students, taught, own, x)
-    alone = np.argmax(own_tables(world, agents, learnt, x), axis=-1)
-    knows = (taught & ~own).any(-1)
-    for a in range(world.agents):
-        rows = owner == a
-        base = float(np.mean(alone[a][rows] == y[rows]))
-        acc = {g: float(np.mean(gated(alone[a:a + 1, rows], own_mass[a:a + 1, rows], other[a:a + 1, rows], [g],
-                                      knows[a:a + 1])[0] == y[rows])) for g in GATES}
-        gates[a] = next((g for g in GATES if acc[g] >= base - world.cfg.gate_tolerance), GATES[-1])
-        evidence.append({"alone": base, "gated": {str(g): v for g, v in acc.items()}, "gate": float(gates[a])})
-    return gates, evidence
 
 
 def predictions(world: World, state: PyTree, learnt: list[int], x: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -552,8 +289,8 @@ def predictions(world: World, state: PyTree, learnt: list[int], x: np.ndarray | 
         out[RULE_OF[v]] = gated(alone, own_mass, other, state["gates"][v], (taught & ~own).any(-1))
         if v == "probe":
             out["student"] = np.where(taught.any(-1)[:, None], best, alone)
-    joint = world.fns["net"].apply(state["joint"], batching.to_float(x, *(
-        jnp.asarray(v, jnp.float32) for v in world.scenario.norm)), 0, train=False)
+    joint = world.fns["net"].apply(state["joint"], batching.to_float(x, *norm_of(world.scenario, jnp.float32)), 0,
+                                   train=False)
     out["joint"] = np.asarray(jnp.argmax(joint, -1))
     return out
 
@@ -578,7 +315,7 @@ def class_accuracies(world: World, pred: np.ndarray, own: np.ndarray, y: np.ndar
 
 def weights_bytes_per_hop(state: PyTree) -> list[int]:
     """Bytes of each agent's parameters (float32): the least a weights exchange sends per hop."""
-    return [dkt.tree_bytes(a["params"]) for a in state["agents"]]
+    return [tree_bytes(a["params"]) for a in state["agents"]]
 
 
 def collective_report(world: World, state: PyTree, rounds_done: int | None = None) -> dict:

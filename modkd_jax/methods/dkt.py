@@ -32,35 +32,38 @@ Exchange modes (what travels, counted in bytes):
 
 ``learner`` wraps a run as a ``modkd_jax.learner.Learner`` (``lead_axes=("agent",)``)
 for ``modkd_jax.loop.run``; keys derive from the seed alone (``learner_key``).
+The agents axis (placement, ``on_agents``, ``shift_agents``) is ``modkd_jax.agents``;
+the per-agent step, loss and counts are ``methods.dkt_step``; class orders and
+what each epoch feeds the step are ``methods.dkt_data``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, parallel, training
-from modkd_jax.data import batching
-from modkd_jax.data.scenarios import Scenario, Split, class_split
+from modkd_jax import evaluation, losses, parallel
+from modkd_jax.agents import (TOPOLOGIES, check_split, class_mask, make_mesh, place, probe_holdout, round_shift,
+                              shift_agents, stack_learners, tree_bytes)
+from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.data.sources import Dataset
 from modkd_jax.learner import Learner, scenario_fields
+from modkd_jax.methods.dkt_data import (agent_scenarios, epoch_inputs, epoch_keys, epoch_rngs, experience_data,
+                                        joint_split, learner_key, order_seed)
+from modkd_jax.methods.dkt_step import make_functions
+from modkd_jax.methods.kit import norm_of
 from modkd_jax.models import two_head
 
 PyTree = Any
-AXIS = parallel.AXES[0]  # "agents"
 EXPERIMENTS = ("joint_teacher", "continual_teacher", "agents")
 MODES = ("probe", "weights")
 KD_LOSSES = ("kl", "mse")
-TOPOLOGIES = ("ring", "gossip")
 RULES = ("cl_cil", "student_cil", "cl_til", "student_til")  # accuracy of both heads of every agent
 TEACHER_RULES = ("teacher_til", "teacher_cil")  # the teacher's CL head (teacher experiments, one agent)
 
@@ -133,226 +136,6 @@ def mode_name(cfg: DKTConfig) -> str:
     return "alone" if cfg.alone or cfg.lam == 0 else cfg.exchange
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def probe_holdout(ds: Dataset, n_probe: int, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """``(ds without the probe rows, probe images, probe row indices)``: an unlabelled probe set from train."""
-    if not 0 < n_probe < len(ds.train_y) // 2:
-        raise ValueError(f"n_probe must be in [1, {len(ds.train_y) // 2}) for {ds.name}, got {n_probe}")
-    idx = np.sort(np.random.default_rng([seed, 7919]).choice(len(ds.train_y), n_probe, replace=False))
-    keep = np.setdiff1d(np.arange(len(ds.train_y)), idx, assume_unique=True)
-    rest = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
-    return rest, ds.train_x[idx], idx
-
-
-def order_seed(seed: int, agent: int) -> int:
-    """The class-order seed of ``agent`` (agent 0 of seed s has ``class_split``'s order for 1000*s)."""
-    return 1000 * seed + agent
-
-
-def agent_scenarios(ds: Dataset, task_count: int, agents: int, seed: int, val_fraction: float = 0.0
-                    ) -> list[Scenario]:
-    """One class-incremental scenario of ``ds`` per agent, each with its own class order."""
-    return [class_split(ds, task_count, seed=order_seed(seed, a), val_fraction=val_fraction) for a in range(agents)]
-
-
-def joint_split(scenario: Scenario) -> Split:
-    """All training data of a scenario as one split (global labels), for the joint teacher."""
-    parts = [t.train for t in scenario.tasks]
-    yg = np.concatenate([p.y_global for p in parts])
-    return Split(np.concatenate([p.x for p in parts]), yg, yg)
-
-
-def seen_mask(scenario: Scenario, t: int, num_classes: int) -> np.ndarray:
-    """Boolean ``[num_classes]``: the classes of tasks ``0..t``."""
-    mask = np.zeros(num_classes, bool)
-    for task in scenario.tasks[: t + 1]:
-        mask[task.classes] = True
-    return mask
-
-
-def stack_splits(splits: list[Split], n_max: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x [A, n_max, ...], y_global [A, n_max], n [A])``: one split per agent, zero-padded to one shape.
-
-    A fixed ``n_max`` for a whole run keeps one compiled step for every experience.
-    """
-    n = np.array([len(s) for s in splits])
-    n_max = int(n.max()) if n_max is None else n_max
-    x = np.zeros((len(splits), n_max, *splits[0].x.shape[1:]), np.uint8)
-    y = np.zeros((len(splits), n_max), np.int32)
-    for a, s in enumerate(splits):
-        x[a, : n[a]], y[a, : n[a]] = s.x, s.y_global
-    return x, y, n
-
-
-def epoch_indices(n: np.ndarray, batch_size: int, rngs: list[np.random.Generator]) -> np.ndarray:
-    """``[A, S, B]`` example indices of one epoch; ``S = min(n) // B`` so every agent takes the same steps.
-
-    Each agent draws a fresh permutation of its own examples; an agent with more
-    examples than ``S * B`` uses a different random subset each epoch.
-    """
-    steps = int(n.min()) // batch_size
-    if steps < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the {int(n.min())} examples of an experience")
-    return np.stack([rng.permutation(int(k))[: steps * batch_size].reshape(steps, batch_size)
-                     for k, rng in zip(n, rngs)]).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------- agents axis
-
-
-def make_mesh(devices: int) -> Mesh | None:
-    """``parallel.make_mesh`` with ``devices`` rows on ``agents`` (data axis 1); None for 1 (plain vmap)."""
-    if devices <= 1:
-        return None
-    if devices > jax.device_count():
-        raise ValueError(f"asked for {devices} devices, {jax.device_count()} available")
-    return parallel.make_mesh(data=1, agents=devices)
-
-
-def place(tree: PyTree, mesh: Mesh | None, shared: bool = False) -> PyTree:
-    """Put ``tree`` on device: its leading axis split over the mesh's agents (or replicated if ``shared``)."""
-    if mesh is None:
-        return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(mesh, P() if shared else P(AXIS)))
-
-
-def on_agents(fn: Callable, mesh: Mesh | None, n_agent_args: int, n_shared: int = 1,
-              donate: tuple[int, ...] = ()) -> Callable:
-    """``fn(*per_agent_args, *shared_args)`` vmapped over the agents axis, jitted; with a mesh, inside shard_map.
-
-    The body is the same in both cases: shard_map only hands each device its
-    block of agents. ``fn`` may not communicate across agents.
-    """
-    axes = (0,) * n_agent_args + (None,) * n_shared
-    body = jax.vmap(fn, in_axes=axes)
-    if mesh is not None:
-        specs = tuple(P(AXIS) if a == 0 else P() for a in axes)
-        body = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(AXIS))
-    return jax.jit(body, donate_argnums=donate)
-
-
-def _roll(tree: PyTree, shift: int) -> PyTree:
-    """``out[a] = tree[(a + shift) % A]`` along the leading axis."""
-    return jax.tree.map(lambda x: jnp.roll(x, -shift, axis=0), tree)
-
-
-def _ppermute_roll(x: jax.Array, shift: int, n_shards: int) -> jax.Array:
-    """``_roll`` of one leaf from inside ``shard_map``: whole blocks by ppermute, the remainder by concat."""
-    m = x.shape[0]  # agents per shard
-    q, r = divmod(shift, m)
-
-    def from_shard(k: int) -> jax.Array:  # shard d receives the block of shard d + k
-        k %= n_shards
-        if k == 0:
-            return x
-        return jax.lax.ppermute(x, AXIS, [((d + k) % n_shards, d) for d in range(n_shards)])
-
-    first = from_shard(q)
-    return first if r == 0 else jnp.concatenate([first[r:], from_shard(q + 1)[:r]], axis=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _shifter(mesh: Mesh | None, shift: int) -> Callable:
-    """The jitted exchange for one (mesh, shift); cached so each shift compiles once."""
-    if mesh is None:
-        return jax.jit(lambda tree: _roll(tree, shift))
-    n = mesh.shape[AXIS]
-    local = lambda tree: jax.tree.map(lambda x: _ppermute_roll(x, shift, n), tree)  # noqa: E731
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
-
-
-def shift_agents(tree: PyTree, shift: int, mesh: Mesh | None) -> PyTree:
-    """Agent ``a`` receives agent ``(a + shift) % A``'s slice of every leaf: the only cross-agent traffic."""
-    agents = jax.tree.leaves(tree)[0].shape[0]
-    return _shifter(mesh, int(shift) % agents)(tree)
-
-
-def round_shift(topology: str, agents: int, seed: int, round_index: int) -> int:
-    """Whose message each agent takes in a round: ring always ``a+1``; gossip ``a+s``, s in [1, A) drawn per round."""
-    if topology == "ring" or agents == 2:
-        return 1
-    return int(np.random.default_rng([seed, 104729, round_index]).integers(1, agents))
-
-
-def tree_bytes(tree: PyTree) -> int:
-    """Bytes of every leaf of ``tree``."""
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
-
-
-# ---------------------------------------------------------------------------- the train step
-
-
-class Batch(NamedTuple):
-    """One agent's batch: its own uint8 images and global labels, and this step's probe-set rows."""
-
-    x: jax.Array
-    y: jax.Array
-    probe: jax.Array  # int32 indices into the shared probe images (probe mode's distillation inputs)
-
-
-class Inputs(NamedTuple):
-    """What the loss sees: standardised (augmented) inputs, labels, distillation inputs, teacher logits."""
-
-    x: jax.Array
-    y: jax.Array
-    kd_x: jax.Array  # the probe batch (probe mode) or ``x`` (weights mode)
-    teacher: jax.Array  # the teacher's masked CL-head logits on ``kd_x`` (stop-gradient)
-
-
-class Context(NamedTuple):
-    """What one agent's step needs besides the batch: its classes, its inbox, the KD weight, the probe set."""
-
-    seen: jax.Array  # [C] bool: classes the agent has met (the CL head's support)
-    message: PyTree  # what arrived from the teacher (probe logits, or weights + seen mask)
-    has_teacher: jax.Array  # float32: 0 until a message arrived
-    lam: jax.Array  # float32: weight of the distillation loss
-    probe_x: jax.Array  # uint8: the shared probe images
-
-
-def cl_logits(model: two_head.TwoHead, variables: PyTree, xf: jax.Array, seen: jax.Array) -> jax.Array:
-    """A network's CL-head logits, unseen classes masked: what a teacher says."""
-    return losses.masked_logits(model.apply(variables, xf, train=False)[0], seen)
-
-
-def make_prepare(cfg: DKTConfig, model: two_head.TwoHead, mean, std) -> Callable:
-    """``prepare(batch, key, ctx) -> Inputs`` for ``training.make_step``: augmentation and teacher targets."""
-
-    def prepare(batch: Batch, key: jax.Array, ctx: Context) -> Inputs:
-        xf = batching.augment(key, batch.x, mean, std, cfg.crop_flip)
-        if cfg.exchange == "probe":
-            kd_xf = batching.to_float(ctx.probe_x[batch.probe], mean, std)
-            teacher = ctx.message["logits"][batch.probe]
-        else:
-            kd_xf = xf
-            teacher = cl_logits(model, {"params": ctx.message["params"], "batch_stats": ctx.message["batch_stats"]},
-                                kd_xf, ctx.message["seen"])
-        return Inputs(xf, batch.y, kd_xf, jax.lax.stop_gradient(teacher))
-
-    return prepare
-
-
-def make_loss(cfg: DKTConfig, model: two_head.TwoHead) -> Callable:
-    """``loss(params, batch_stats, inputs, ctx)``: CE of the CL head + ``lam * KD`` of the student head."""
-
-    def loss_fn(params, batch_stats, inputs: Inputs, ctx: Context):
-        variables = {"params": params, "batch_stats": batch_stats}
-        (z_cl, z_st), new = model.apply(variables, inputs.x, train=True, mutable=["batch_stats"])
-        if cfg.exchange == "probe":  # its own forward, its BN statistics discarded: lam=0 == alone exactly
-            (_, z_st), _ = model.apply(variables, inputs.kd_x, train=True, mutable=["batch_stats"])
-        z_cl = losses.masked_logits(z_cl, ctx.seen)
-        ce = losses.cross_entropy(z_cl, inputs.y)
-        z_st = losses.masked_logits(z_st, inputs.teacher > losses.MASK_VALUE / 2)
-        T = cfg.temperature
-        kd = (losses.kd_kl(z_st, inputs.teacher, T) if cfg.kd == "kl"
-              else losses.mse_soft_targets(z_st, inputs.teacher, T))
-        loss = ce + ctx.lam * ctx.has_teacher * kd
-        return loss, (new["batch_stats"], {"ce": ce, "kd": kd, "acc": jnp.mean(jnp.argmax(z_cl, -1) == inputs.y)})
-
-    return loss_fn
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -388,73 +171,7 @@ class World:
         return self.scenarios[0].input_shape
 
 
-def make_counts(model: two_head.TwoHead, mean, std) -> Callable:
-    """``counts(learner, classes, seen, taught, x, y, valid, true_task, seen_count)`` of one agent.
-
-    Per rule, correct counts ``[T]`` per task of the agent (``classes`` ``[T, k]``, its
-    class order) on a batch of the test set, plus ``rows`` (examples per task).
-    """
-
-    def counts(learner, classes, seen, taught, x, y, valid, true_task, seen_count):
-        del true_task, seen_count  # every task's rows at once; the masks say what was seen
-        variables = {"params": learner["params"], "batch_stats": learner["batch_stats"]}
-        cl, st = model.apply(variables, batching.to_float(x, mean, std), train=False)
-        T, k = classes.shape
-        task = jnp.zeros(cl.shape[-1], jnp.int32).at[classes.reshape(-1)].set(jnp.repeat(jnp.arange(T), k))[y]
-        own = classes[task]  # [B, k]: the classes of each row's task, in the task's order
-        rows = valid[:, None] & (task[:, None] == jnp.arange(T))  # [B, T]
-
-        def per_task(correct):
-            return jnp.sum(rows & correct[:, None], axis=0)
-
-        def til(z):
-            return jnp.take_along_axis(own, jnp.argmax(jnp.take_along_axis(z, own, 1), -1)[:, None], 1)[:, 0] == y
-
-        def cil(z, mask):
-            return jnp.argmax(jnp.where(mask, z, -jnp.inf), -1) == y
-
-        return {"cl_til": per_task(til(cl)), "cl_cil": per_task(cil(cl, seen)), "student_til": per_task(til(st)),
-                "student_cil": per_task(cil(st, taught)), "rows": jnp.sum(rows, axis=0)}
-
-    return counts
-
-
-@functools.lru_cache(maxsize=16)
-def make_functions(cfg: DKTConfig, model: two_head.TwoHead, mean: tuple[float, ...], std: tuple[float, ...],
-                   mesh: Mesh | None) -> dict[str, Callable]:
-    """The per-agent train step, message and counts functions, on the agents axis.
-
-    Cached: runs with equal settings (a resumed run) share one set of compiled functions.
-    """
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    tx = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr, momentum=0.9)
-    step = training.make_step(make_loss(cfg, model), tx, make_prepare(cfg, model, mean, std), jit=False)
-
-    def agent_step(learner, msg, has_teacher, data, shared):
-        """One optimizer step of one agent on its own batch ``s`` of the experience (+ a probe batch)."""
-        s = shared["s"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(data["key"]), s)
-        rows = data["idx"][s]
-        batch = Batch(data["x"][rows], data["y"][rows], data["pidx"][s])
-        ctx = Context(data["seen"], msg, has_teacher, shared["lam"], shared["probe_x"])
-        (params, bs, opt), metrics = step((learner["params"], learner["batch_stats"], learner["opt"]), batch, key,
-                                          ctx)
-        return {"params": params, "batch_stats": bs, "opt": opt}, metrics
-
-    def message(learner, seen, shared):
-        """What one agent sends: probe-set logits only (probe), or its weights and seen mask (weights)."""
-        variables = {"params": learner["params"], "batch_stats": learner["batch_stats"]}
-        if cfg.exchange == "probe":
-            return {"logits": cl_logits(model, variables, batching.to_float(shared["probe_x"], mean, std), seen)}
-        return jax.tree.map(jnp.copy, {**variables, "seen": seen})  # copies: the sender's buffers get donated
-
-    return {"tx": tx,
-            "step": on_agents(agent_step, mesh, 4, donate=(0,)),
-            "message": on_agents(message, mesh, 2),
-            "counts": on_agents(make_counts(model, mean, std), mesh, 4, n_shared=5)}
-
-
-def setup(cfg: DKTConfig, ds: Dataset, task_count: int, *, seed: int = 0, devices: int = 1,
+def setup(cfg: DKTConfig, ds: Dataset, task_count: int, *, seed: int = 0, agent_devices: int = 1,
           val_fraction: float = 0.0) -> World:
     """Data (probe hold-out, one class order per learner), network and compiled functions of a run.
 
@@ -463,17 +180,16 @@ def setup(cfg: DKTConfig, ds: Dataset, task_count: int, *, seed: int = 0, device
       ds: the dataset.
       task_count: experiences per learner.
       seed: class orders, probe set, initial weights, batches and gossip all derive from it.
-      devices: devices the agents are sharded over (1: vmapped on one device).
+      agent_devices: devices the agents axis is sharded over (1: vmapped on one device).
       val_fraction: validation share held out of each task's training data.
     """
-    devices = devices if cfg.experiment == "agents" else 1
-    if devices > 1 and cfg.agents % devices:
-        raise ValueError(f"{cfg.agents} agents cannot be split evenly over {devices} devices")
+    devices = agent_devices if cfg.experiment == "agents" else 1
+    check_split(cfg.agents, devices)
     rest, probe_x, probe_index = probe_holdout(ds, cfg.n_probe, seed)
     scenarios = tuple(agent_scenarios(rest, task_count, cfg.agents, seed, val_fraction))
     model = two_head.TwoHead(ds.num_classes, cfg.backbone, tuple(cfg.hidden))
     mesh = make_mesh(devices)
-    mean, std = (tuple(float(v) for v in a) for a in scenarios[0].norm)
+    mean, std = norm_of(scenarios[0])
     probe_x = place(probe_x, mesh, shared=True)  # on device once, not copied into every step
     return World(cfg, seed, scenarios, probe_x, probe_index, Split(ds.test_x, ds.test_y, ds.test_y),
                  ds.num_classes, model, mesh, make_functions(cfg, model, mean, std, mesh))
@@ -481,11 +197,7 @@ def setup(cfg: DKTConfig, ds: Dataset, task_count: int, *, seed: int = 0, device
 
 def init_learners(world: World, keys: list[jax.Array]) -> PyTree:
     """Fresh learners (params, batch stats, optimizer state), one per key, stacked on the agents axis."""
-    per = [two_head.init(world.model, k, world.input_shape) for k in keys]
-    params = jax.tree.map(lambda *a: np.stack(a), *[p for p, _ in per])
-    bs = jax.tree.map(lambda *a: np.stack(a), *[b for _, b in per])
-    opt = jax.vmap(world.fns["tx"].init)(params)
-    return {"params": params, "batch_stats": bs, "opt": opt}
+    return stack_learners(lambda k: two_head.init(world.model, k, world.input_shape), keys, world.fns["tx"])
 
 
 def empty_inbox(world: World, learners: PyTree) -> PyTree:
@@ -495,11 +207,6 @@ def empty_inbox(world: World, learners: PyTree) -> PyTree:
     shape = jax.eval_shape(world.fns["message"], learners, seen, {"probe_x": world.probe_x})
     return {"message": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape),
             "has_teacher": np.zeros(A, np.float32), "taught": seen}
-
-
-def learner_key(world: World, role: int, agent: int) -> jax.Array:
-    """Init key of learner ``agent`` (role 0: agents/student, 1: teacher); independent of the agent count."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(world.seed), role), agent)
 
 
 def init_state(world: World) -> PyTree:
@@ -518,20 +225,6 @@ def init_state(world: World) -> PyTree:
     return state
 
 
-def epoch_inputs(world: World, data: dict, lam: float, rngs, keys, mesh: Mesh | None) -> tuple[dict, dict, int]:
-    """``(per-agent step inputs, shared step inputs, steps)`` of one epoch: batch and probe indices, keys.
-
-    The index arrays are padded to the steps of the longest experience: one compiled step per run.
-    """
-    idx = epoch_indices(data["n"], world.cfg.batch_size, rngs)
-    steps = idx.shape[1]
-    pidx = np.stack([rng.integers(0, len(world.probe_x), (steps, world.cfg.probe_batch_size)) for rng in rngs])
-    pad = ((0, 0), (0, data["x"].shape[1] // world.cfg.batch_size - steps), (0, 0))
-    per_agent = {"x": data["x"], "y": data["y"], "seen": data["seen"],
-                 **place({"idx": np.pad(idx, pad), "pidx": np.pad(pidx.astype(np.int32), pad), "key": keys}, mesh)}
-    return per_agent, {"probe_x": world.probe_x, "lam": np.float32(lam), "s": np.int32(0)}, steps
-
-
 def train_epoch(world: World, learners: PyTree, inbox: PyTree, data: dict, lam: float, rngs, keys,
                 mesh: Mesh | None) -> tuple[PyTree, dict[str, np.ndarray]]:
     """One epoch for every agent at once; returns the learners and per-agent mean metrics ``{name: [A]}``."""
@@ -542,24 +235,6 @@ def train_epoch(world: World, learners: PyTree, inbox: PyTree, data: dict, lam: 
                                         {**shared, "s": np.int32(s)})
         sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
     return learners, {k: parallel.to_host(v) / steps for k, v in sums.items()}
-
-
-def epoch_rngs(world: World, role: int, agents: int, t: int, epoch: int) -> list[np.random.Generator]:
-    """Host RNG of each agent's batches in one epoch: depends on (seed, role, agent, t, epoch) only."""
-    return [np.random.default_rng([world.seed, role, a, t, epoch]) for a in range(agents)]
-
-
-def epoch_keys(world: World, role: int, agents: int, t: int, epoch: int) -> np.ndarray:
-    """Augmentation key data ``[A, 2]`` of each agent for one epoch."""
-    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
-        jax.random.fold_in(learner_key(world, role, a), t), 1000 + epoch))) for a in range(agents)])
-
-
-def experience_data(world: World, splits: list[Split], seen: np.ndarray, mesh: Mesh | None) -> dict:
-    """One experience's training data of every agent on device (agents axis), with their seen masks."""
-    longest = max(len(task.train) for scen in world.scenarios for task in scen.tasks)
-    x, y, n = stack_splits(splits, max(longest, max(len(s) for s in splits)))
-    return {**place({"x": x, "y": y, "seen": seen}, mesh), "n": n}
 
 
 def support_of(world: World, message: PyTree) -> np.ndarray:
@@ -600,7 +275,7 @@ def learn_task(world: World, state: PyTree, t: int, log: Callable[[dict], None] 
     cfg, start = world.cfg, time.perf_counter()
     A, C, T = world.agents, world.num_classes, world.task_count
     prog = {"rounds": int(state["progress"]["rounds"]), "bytes_sent": np.array(state["progress"]["bytes_sent"])}
-    seen = np.stack([seen_mask(s, t, C) for s in world.scenarios])
+    seen = np.stack([class_mask(s, t + 1, C) for s in world.scenarios])
     data = experience_data(world, [s.tasks[t].train for s in world.scenarios], seen, world.mesh)
     learners, inbox = state["learners"], state["inbox"]
     state = dict(state)
@@ -678,7 +353,7 @@ def evaluate(world: World, state: PyTree, seen: int) -> dict[str, np.ndarray]:
 
     The student head is NaN while its agent has been taught nothing.
     """
-    masks = np.stack([seen_mask(s, seen - 1, world.num_classes) for s in world.scenarios])
+    masks = np.stack([class_mask(s, seen, world.num_classes) for s in world.scenarios])
     out = head_rows(world, state["learners"], classes_of(world.scenarios), masks,
                     parallel.to_host(state["inbox"]["taught"]), world.mesh)
     if "teacher" in state:

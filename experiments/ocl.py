@@ -44,6 +44,7 @@ from modkd_jax import data, loop, metrics, rundir
 from modkd_jax.learner import scenario_fields
 from modkd_jax.data.sources import DATASETS
 from modkd_jax.methods import split_backbone as sb
+from modkd_jax.methods import split_backbone_net as sbn
 from modkd_jax.models import convert
 
 THESIS_SPLITS = ("6.5-2.3-2.4", "2.0-4.0-5.2")
@@ -52,7 +53,7 @@ HELP = {"lr_task": "learning rate of the task-specific layers", "lr_shared": "le
         "momentum": "SGD momentum", "temperature": "softmax temperature of the task-ID rules",
         "stem_mode": "ImageNet stem on small inputs: imagenet (7x7/2 + max-pool), no_pool (7x7/2), stride1 (7x7/1)",
         "eval_split": "where Val1/Val2 are measured (val: 10%% of each training set held out)"}
-CHOICES = {"optimizer": ("sgd", "adam"), "stem_mode": tuple(sb.STEM_MODES), "eval_split": ("test", "val")}
+CHOICES = {"optimizer": ("sgd", "adam"), "stem_mode": tuple(sbn.STEM_MODES), "eval_split": ("test", "val")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,14 +105,14 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if not Path(args.init).is_file():
             raise UsageError(f"--init {args.init}: no such file (give 'random' or an .npz of weights)")
         try:  # the head is never loaded, so any width checks the backbone
-            like = jax.eval_shape(lambda: sb.random_init(10, jax.random.key(0)))
-            sb.check_backbone(*convert.load_any(args.init), like)
+            like = jax.eval_shape(lambda: sbn.random_init(10, jax.random.key(0)))
+            sbn.check_backbone(*convert.load_any(args.init), like)
         except (ValueError, convert.ConversionError) as exc:
             raise UsageError(f"--init {args.init}: {exc}") from exc
     splits = []
     for text in args.splits:
         try:
-            sb.parse_budget(text)
+            sbn.parse_budget(text)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         if text not in splits:
@@ -161,7 +162,7 @@ def initial_backbone(cfg: dict, workdir: Path, data_dir=None, tfds_dir=None, ech
                                   val_fraction=0.0).tasks[0].train
     key = jax.random.key(cfg["seed"])
     if init is None:
-        init = sb.random_init(source.num_classes, jax.random.fold_in(key, 1), tuple(cfg["image_shape"]))
+        init = sbn.random_init(source.num_classes, jax.random.fold_in(key, 1), tuple(cfg["image_shape"]))
     t0 = time.perf_counter()
     log = lambda rec: rundir.log_metrics(workdir, {"run": "pretrain", **rec})  # noqa: E731
     params, stats = sb.pretrain(*init, split, source.num_classes, epochs=cfg["pretrain_epochs"],
@@ -249,9 +250,9 @@ def summary_of(res: dict) -> dict:
 def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progress: bool = False, echo=print) -> dict:
     """Run (or resume) every configured (setting, split, batch size); returns the results written to results.json."""
     scenario = build_scenario(cfg, data_dir, tfds_dir)
-    layers = sb.layers_for(max(scenario.block_sizes))
+    layers = sbn.layers_for(max(scenario.block_sizes))
     try:
-        plans = {split: sb.resolve_budget(split, layers) for split in cfg["splits"]}
+        plans = {split: sbn.resolve_budget(split, layers) for split in cfg["splits"]}
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     workdir = rundir.open_run(workdir, cfg)
@@ -260,8 +261,8 @@ def run(cfg: dict, workdir: str | Path, *, data_dir=None, tfds_dir=None, progres
     echo(f"{scenario.name}: {', '.join(f'{t.name} ({len(t.train.y)} train)' for t in scenario.tasks)}, "
          f"inputs {'x'.join(map(str, scenario.input_shape))}, stem {cfg['stem_mode']}")
     for split in cfg["splits"]:
-        net = sb.SplitBackbone(layers, plans[split], scenario.block_sizes)
-        echo(f"split {split} -> (millions of parameters; one task copy)\n{sb.describe(net)}")
+        net = sbn.SplitBackbone(layers, plans[split], scenario.block_sizes)
+        echo(f"split {split} -> (millions of parameters; one task copy)\n{sbn.describe(net)}")
     init = None
     if any(part_name(*p) not in finished for p in todo):
         init = initial_backbone(cfg, workdir, data_dir, tfds_dir, echo, progress)
@@ -348,7 +349,7 @@ def tables(results: dict) -> str:
     for v in results["runs"].values():
         if v["setting"] != 1:
             continue
-        g = "/".join(f"{v['groups'][k]['params'] / 1e6:.2f}" for k in sb.GROUPS)
+        g = "/".join(f"{v['groups'][k]['params'] / 1e6:.2f}" for k in sbn.GROUPS)
         cil = np.asarray(v["R"]["cil"], float)[-1]
         for j, t in enumerate(tasks):
             first = j == 0
@@ -360,7 +361,7 @@ def tables(results: dict) -> str:
     if any(v["setting"] == 2 for v in results["runs"].values()):
         lines += ["", f"Setting 2 (random batches from the merged pool, task unknown at test): {head}",
                   f"{'split':<12} | {'batch':>5} | {'task':<{w}} | task known | task inferred (max-p) | "
-                  "task-ID max-p | task-ID entropy"]
+                  "task-ID max-p | task-ID top-2 entropy"]
         lines.append("-" * len(lines[-1]))
         for v in results["runs"].values():
             if v["setting"] != 2:
@@ -370,7 +371,7 @@ def tables(results: dict) -> str:
                 get = (lambda r: a[r][j]) if j < len(tasks) else (lambda r: v["mean"][r])
                 lines.append(f"{v['split'] if j == 0 else '':<12} | {v['batch_size'] if j == 0 else '':>5} | "
                              f"{t:<{w}} | {_pct(get('til')):>10} | {_pct(get('cil')):>21} | "
-                             f"{_pct(get('task_id')):>13} | {_pct(get('task_id_entropy')):>15}")
+                             f"{_pct(get('task_id')):>13} | {_pct(get('task_id_top2_entropy')):>21}")
     return "\n".join(lines)
 
 

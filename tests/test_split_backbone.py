@@ -11,6 +11,8 @@ import pytest
 from experiments import ocl
 from modkd_jax import data, loop, models
 from modkd_jax.methods import split_backbone as sb
+from modkd_jax.methods import split_backbone_net as sbn
+from modkd_jax.methods import split_backbone_step as sbs
 from modkd_jax.models import convert
 
 SHAPE = (16, 16, 3)  # small inputs keep compile and step times low
@@ -34,7 +36,7 @@ def _batch(seed, n=BATCH, classes=CLASSES):
 def _train(step, gate, carry, x, y, task):
     """One step of ``training.make_step``'s split-backbone step on a full batch, gated by ``make_gate``."""
     valid = np.ones(len(y), bool)
-    return step(carry, sb.StreamBatch(x, y, jnp.asarray(task, jnp.int32), valid), jax.random.key(0),
+    return step(carry, sbs.StreamBatch(x, y, jnp.asarray(task, jnp.int32), valid), jax.random.key(0),
                 gate(carry[0], task, valid))
 
 
@@ -44,31 +46,31 @@ def _train(step, gate, carry, x, y, task):
 @pytest.mark.parametrize("budget", ["6.5-2.3-2.4", "2.0-4.0-5.2", "0-0-11.2", "11.2-0-0", "3-3-5"])
 def test_budget_groups_sum_to_the_parameter_count(budget):
     width = 10
-    count = models.param_count(jax.eval_shape(lambda: sb.random_init(width, jax.random.key(0)))[0])
-    layers = sb.layers_for(width)
-    groups = sb.resolve_budget(budget, layers)
-    net = sb.SplitBackbone(layers, groups, (width, width))
+    count = models.param_count(jax.eval_shape(lambda: sbn.random_init(width, jax.random.key(0)))[0])
+    layers = sbn.layers_for(width)
+    groups = sbn.resolve_budget(budget, layers)
+    net = sbn.SplitBackbone(layers, groups, (width, width))
     sizes = net.sizes()
     assert sum(sizes.values()) == count == 11_181_642
     assert groups[-1] == "task"  # the head is always per task
-    order = [sb.GROUPS.index(g) for g in groups]
+    order = [sbn.GROUPS.index(g) for g in groups]
     assert order == sorted(order)  # frozen, then shared, then task-specific
 
 
 def test_thesis_budget_resolves_to_the_expected_layer_boundaries():
-    layers = sb.layers_for(10)
-    net = sb.SplitBackbone(layers, sb.resolve_budget("6.5-2.3-2.4", layers), (10,))
+    layers = sbn.layers_for(10)
+    net = sbn.SplitBackbone(layers, sbn.resolve_budget("6.5-2.3-2.4", layers), (10,))
     assert net.layers_of("frozen")[-1].name == "stage3_block0.conv2"
     assert [layer.name for layer in net.layers_of("shared")] == ["stage3_block1.conv1"]
     assert [layer.name for layer in net.layers_of("task")] == ["stage3_block1.conv2", "head"]
     assert [round(v / 1e6, 2) for v in net.sizes().values()] == [6.46, 2.36, 2.37]
-    assert "6.456M" in sb.describe(net)
+    assert "6.456M" in sbn.describe(net)
 
 
 @pytest.mark.parametrize("bad", ["6.5-2.3", "a-b-c", "1-1-1", "-1-5-7"])
 def test_bad_budgets_are_rejected(bad):
     with pytest.raises(ValueError):
-        sb.resolve_budget(bad, sb.layers_for(10))
+        sbn.resolve_budget(bad, sbn.layers_for(10))
 
 
 # ----------------------------------------------------------------------------- the one ResNet
@@ -76,13 +78,13 @@ def test_bad_budgets_are_rejected(bad):
 
 def _view(net, params, stats, task):
     """Task ``task``'s rows of the task group (params, stats) and its shared-layer statistics, by path."""
-    p, s = sb.backbone_of(net, params, stats, task)
-    return sb.by_group(net, p)["task"], sb.by_group(net, s)["task"], sb.by_group(net, s)["shared"]
+    p, s = sbn.backbone_of(net, params, stats, task)
+    return sbn.by_group(net, p)["task"], sbn.by_group(net, s)["task"], sbn.by_group(net, s)["shared"]
 
 
 def test_split_tree_is_the_resnet_tree_with_task_rows():
     """build's tree is what net.model initialises; frozen: one row, shared: per-task statistics, task: rows."""
-    net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, 4, 7), jax.random.key(0), input_shape=SHAPE)
+    net, params, stats = sbn.build("6.5-2.3-2.4", (CLASSES, 4, 7), jax.random.key(0), input_shape=SHAPE)
     want = jax.eval_shape(lambda: net.model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), 0, False))
     assert jax.tree.map(lambda a: a.shape, {"params": params, "batch_stats": stats}) == \
         jax.tree.map(lambda a: a.shape, dict(want))
@@ -93,47 +95,47 @@ def test_split_tree_is_the_resnet_tree_with_task_rows():
         == (3, 512)
     assert params["stage3_block1"]["conv2"]["kernel"].shape == (3, 3, 3, 512, 512)  # task rows
     assert params["classifier"]["kernel"].shape == (512, 3 * CLASSES)  # one class block per task
-    sizes = {g: sum(a.size for a in leaves.values()) for g, leaves in sb.by_group(net, params).items()}
+    sizes = {g: sum(a.size for a in leaves.values()) for g, leaves in sbn.by_group(net, params).items()}
     assert sizes == {"frozen": net.sizes()["frozen"], "shared": net.sizes()["shared"],
                      "task": 3 * net.sizes()["task"]}
 
 
 def test_each_task_computes_the_plain_resnet18_of_its_rows():
     """Task t's logits (eval, and train with nothing frozen) equal models.resnet18 on ``backbone_of(t)``."""
-    params, stats = sb.random_init(CLASSES, jax.random.key(0), SHAPE)
-    layers = sb.layer_list(params)
+    params, stats = sbn.random_init(CLASSES, jax.random.key(0), SHAPE)
+    layers = sbn.layer_list(params)
     x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
-    for groups in (sb.resolve_budget("6.5-2.3-2.4", layers), ("shared",) * (len(layers) - 3) + ("task",) * 3):
-        net, gp, gs = sb.build(groups, (CLASSES, 6), jax.random.key(3), init=(params, stats), stem_mode="no_pool")
+    for groups in (sbn.resolve_budget("6.5-2.3-2.4", layers), ("shared",) * (len(layers) - 3) + ("task",) * 3):
+        net, gp, gs = sbn.build(groups, (CLASSES, 6), jax.random.key(3), init=(params, stats), stem_mode="no_pool")
         noise = lambda t, k: jax.tree.map(  # noqa: E731  (rows differ, so picking the wrong one shows)
             lambda a: a + 0.2 * jax.random.uniform(jax.random.key(k), a.shape), t)
         gp, gs = noise(gp, 4), jax.tree.map(jnp.abs, noise(gs, 5))
         ref = models.resnet18(CLASSES, stem="no_pool")
         trains = (False,) if "frozen" in groups else (False, True)
         for t, train in ((t, train) for t in range(2) for train in trains):
-            p, s = sb.backbone_of(net, gp, gs, t)
+            p, s = sbn.backbone_of(net, gp, gs, t)
             want = ref.apply({"params": p, "batch_stats": s}, x, 0, train=train, mutable=["batch_stats"])[0]
-            got = jax.jit(lambda p, s, x: sb.forward(net, p, s, x, t, train=train))(gp, gs, x)
+            got = jax.jit(lambda p, s, x: sbn.forward(net, p, s, x, t, train=train))(gp, gs, x)
             valid = np.arange(CLASSES) < net.block_sizes[t]
             np.testing.assert_allclose(got[:, valid], want[:, valid], rtol=1e-4, atol=1e-4)
             assert np.all(np.asarray(got[:, ~valid]) < -1e8)  # the classes task 1 lacks are masked
     # the plain tree round-trips: every task starts from the init weights and statistics
-    net, gp, gs = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(3), init=(params, stats))
+    net, gp, gs = sbn.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(3), init=(params, stats))
     for t in range(2):
-        p, s = sb.backbone_of(net, gp, gs, t)
+        p, s = sbn.backbone_of(net, gp, gs, t)
         assert _same({k: v for k, v in p.items() if k != "classifier"},
                      {k: v for k, v in params.items() if k != "classifier"}) and _same(s, stats)
 
 
 def test_frozen_layers_normalise_with_their_running_statistics_in_training():
     """With every layer but the head frozen, a training forward equals the eval one and moves no statistic."""
-    layers = sb.layers_for(CLASSES)
-    net, params, stats = sb.build(("frozen",) * (len(layers) - 1) + ("task",), (CLASSES,), jax.random.key(0),
+    layers = sbn.layers_for(CLASSES)
+    net, params, stats = sbn.build(("frozen",) * (len(layers) - 1) + ("task",), (CLASSES,), jax.random.key(0),
                                   input_shape=SHAPE)
     stats = jax.tree.map(lambda a: a + 0.3, stats)
     x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
-    train, new = sb.apply(net, params, stats, x, 0, True)
-    np.testing.assert_array_equal(train, sb.apply(net, params, stats, x, 0, False)[0])
+    train, new = sbn.apply(net, params, stats, x, 0, True)
+    np.testing.assert_array_equal(train, sbn.apply(net, params, stats, x, 0, False)[0])
     assert _same(new, stats)
 
 
@@ -143,10 +145,10 @@ def test_frozen_layers_normalise_with_their_running_statistics_in_training():
 @pytest.fixture(scope="module")
 def two_tasks():
     """Train task 0 then task 1 (optimizer state carried over: momentum could leak); snapshots of every stage."""
-    net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), stem_mode="imagenet",
+    net, params, stats = sbn.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), stem_mode="imagenet",
                                   input_shape=SHAPE)
-    tx = sb.make_optimizer(net, lr_shared=1e-3, lr_task=1e-2, optimizer="sgd", momentum=0.9)
-    step, gate = sb.make_train_step(net, tx), sb.make_gate(net)
+    tx = sbs.make_optimizer(net, lr_shared=1e-3, lr_task=1e-2, optimizer="sgd", momentum=0.9)
+    step, gate = sbs.make_train_step(net, tx), sbs.make_gate(net)
     snap = lambda p, s: (jax.device_get(p), jax.device_get(s))  # noqa: E731
     start = snap(params, stats)
     carry = (params, stats, tx.init(params))
@@ -162,7 +164,7 @@ def two_tasks():
 
 def test_frozen_group_is_unchanged_bit_for_bit(two_tasks):
     net, start, after0, after1 = two_tasks
-    group = lambda tree, g: sb.by_group(net, tree)[g]  # noqa: E731
+    group = lambda tree, g: sbn.by_group(net, tree)[g]  # noqa: E731
     assert len(group(start[0], "frozen")) == 18 * 3  # 18 layers: a kernel, BN scale and bias each
     for p, s in (after0, after1):
         assert _same(group(p, "frozen"), group(start[0], "frozen"))
@@ -213,7 +215,7 @@ def test_setting1_learner_through_the_loop_isolates_tasks_and_counts_every_rule(
     assert info0["steps"] == 2 and info0["examples"] == 40  # 40 examples: 32 + 8 (padded to 32)
     state, info1 = learner.learn_task(state, 1, jax.random.key(2))
     after1 = jax.device_get(state)
-    frozen = lambda s: sb.by_group(m.net, s["params"])["frozen"]  # noqa: E731
+    frozen = lambda s: sbn.by_group(m.net, s["params"])["frozen"]  # noqa: E731
     assert _same(frozen(after1), frozen(start))
     view = lambda s, t: _view(m.net, s["params"], s["batch_stats"], t)  # noqa: E731
     assert _same(view(after0, 1), view(start, 1)) and _same(view(after1, 0), view(after0, 0))
@@ -228,7 +230,7 @@ def test_setting1_learner_through_the_loop_isolates_tasks_and_counts_every_rule(
     mean, std = np.asarray(m.net.mean), np.asarray(m.net.std)
     for t, task in enumerate(scenario.tasks):
         xf = (task.test.x / 255.0 - mean) / std
-        z = sb.forward(m.net, state["params"], state["batch_stats"], jnp.asarray(xf, jnp.float32), t)
+        z = sbn.forward(m.net, state["params"], state["batch_stats"], jnp.asarray(xf, jnp.float32), t)
         assert abs(rows["til"][t] - np.mean(np.argmax(np.asarray(z), -1) == task.test.y)) <= 1.01 / n
     res = loop.run(learner, {"seed": 0}, None, echo=None)
     assert res["groups"]["frozen"]["params"] == m.net.sizes()["frozen"] and res["split"] == "6.5-2.3-2.4"
@@ -257,10 +259,10 @@ def test_setting2_trains_on_the_merged_stream_and_identifies_tasks():
 
 def test_mixed_batch_statistics_only_move_for_tasks_present():
     scenario = _scenario()
-    net, params, stats = sb.build("6.5-2.3-2.4", scenario.block_sizes, jax.random.key(0), stem_mode="imagenet",
+    net, params, stats = sbn.build("6.5-2.3-2.4", scenario.block_sizes, jax.random.key(0), stem_mode="imagenet",
                                   input_shape=SHAPE)
-    tx = sb.make_optimizer(net, 1e-3, 1e-2)
-    step, gate = sb.make_train_step(net, tx, mixed=True), sb.make_gate(net)
+    tx = sbs.make_optimizer(net, 1e-3, 1e-2)
+    step, gate = sbs.make_train_step(net, tx, mixed=True), sbs.make_gate(net)
     before = [_view(net, *jax.device_get((params, stats)), t) for t in range(2)]
     x, y = _batch(0)
     task = np.zeros(len(y), np.int32)  # only task 0 in this batch
@@ -304,8 +306,8 @@ def _torchvision_state_dict(seed=0, classes=7):
 def test_converter_round_trip_and_files(tmp_path, capsys):
     sd = _torchvision_state_dict()
     params, stats = convert.torchvision_to_flax(sd)
-    like = jax.eval_shape(lambda: sb.random_init(7, jax.random.key(0)))
-    sb.check_backbone(params, stats, like)  # our tree, our shapes
+    like = jax.eval_shape(lambda: sbn.random_init(7, jax.random.key(0)))
+    sbn.check_backbone(params, stats, like)  # our tree, our shapes
     assert params["classifier"]["kernel"].shape == (512, 7)
     back = convert.flax_to_torchvision(params, stats)
     assert set(back) == {k for k in sd if not k.endswith("num_batches_tracked")}
@@ -348,7 +350,7 @@ def test_converted_weights_compute_what_torch_computes():
             h = F.relu(sc + y)
     want = F.linear(h.mean((2, 3)), t["fc.weight"], t["fc.bias"]).numpy()
     params, stats = convert.torchvision_to_flax(sd)
-    got = sb.reference_model(5).apply({"params": params, "batch_stats": stats}, jnp.asarray(x), 0, train=False)
+    got = sbn.reference_model(5).apply({"params": params, "batch_stats": stats}, jnp.asarray(x), 0, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -357,7 +359,7 @@ def test_init_file_and_pretraining_give_the_starting_backbone(tmp_path):
     np.savez(path, **_torchvision_state_dict())
     cfg = {"init": str(path), "pretrain": None}
     init = ocl.initial_backbone(cfg, tmp_path)
-    net, params, stats = sb.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), init=init, input_shape=SHAPE)
+    net, params, stats = sbn.build("6.5-2.3-2.4", (CLASSES, CLASSES), jax.random.key(0), init=init, input_shape=SHAPE)
     file_p, file_s = convert.torchvision_to_flax(_torchvision_state_dict())
     np.testing.assert_array_equal(params["stem"]["kernel"], file_p["stem"]["kernel"])
     for t in range(2):  # every task copy starts from the file's weights and statistics
@@ -368,7 +370,7 @@ def test_init_file_and_pretraining_give_the_starting_backbone(tmp_path):
     cfg = {"init": "random", "pretrain": "digits", "pretrain_subset": 64, "pretrain_epochs": 1, "pretrain_batch": 32,
            "pretrain_lr": 1e-3, "image_shape": list(SHAPE), "stem_mode": "imagenet", "seed": 0}
     p1, s1 = ocl.initial_backbone(cfg, tmp_path, echo=lambda *_: None)
-    p0, s0 = sb.random_init(10, jax.random.fold_in(jax.random.key(0), 1), SHAPE)
+    p0, s0 = sbn.random_init(10, jax.random.fold_in(jax.random.key(0), 1), SHAPE)
     for tree, ref in ((p1, p0), (s1, s0)):
         flat, flat0 = convert.flatten(tree), convert.flatten(jax.device_get(ref))
         assert set(flat) == set(flat0) and all(flat[k].shape == flat0[k].shape for k in flat)

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     full = masks.full_mask(t_params)
     carry = training.run_phase(m.steps["teacher"], (t_params, t_bs, m.txs["teacher"].init(t_params)), task.train,
                                mind.Context(jnp.int32(0), full, full),
-                               training.Phase(c.epochs, c.batch_size, c.lr, c.lr_milestone),
+                               training.Phase(c.epochs, c.batch_size, c.lr, c.lr_milestones),
                                jax.random.fold_in(key, 2), progress=False)
     teacher_vars = {"params": carry[0], "batch_stats": carry[1]}
     state = mind.init_state(m, jax.random.fold_in(key, 3))
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                                teacher_vars)
             params, bs, _ = training.run_phase(
                 m.steps["distill"], carry, task.train, ctx,
-                training.Phase(1, c.batch_size, c.distill_lr, milestone=1.0, drop_last=c.drop_last),
+                training.Phase(1, c.batch_size, c.distill_lr, drop_last=c.drop_last),
                 jax.random.fold_in(key, 5), progress=False)
             state = {**state, "params": params, "batch_stats": bs}
     for when in ("start of distillation", "after 1 distillation epoch"):

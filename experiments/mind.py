@@ -71,7 +71,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting of the run (MindConfig defaults < dataset preset < flags), as in config.json."""
     preset = mind.PRESETS[args.dataset]
     cfg = run_settings(args, preset)
-    overrides = {"inference": inference_from(args, mind.preset_config(args.dataset).inference)}
+    base = mind.preset_config(args.dataset).inference
+    if cfg["val_fraction"] > 0 and preset["val_fraction"] == 0 and args.task_inference is None:
+        # the paper's protocol keeps no validation split, hence max_prob; given one, the rule is chosen on it
+        base = dataclasses.replace(base, task_inference="auto")
+    overrides = {"inference": inference_from(args, base)}
     if args.temperature == "auto":
         overrides["temperature"] = None
     if args.no_augment:

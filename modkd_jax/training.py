@@ -45,9 +45,11 @@ def set_learning_rate(opt_state, lr: float):
     return opt_state._replace(hyperparams=hp)
 
 
-def step_lr(base_lr: float, epoch: int, epochs: int, milestone: float) -> float:
-    """``base_lr``, halved from epoch ``round(milestone * epochs)`` on (MultiStepLR with one milestone)."""
-    return base_lr * (0.5 if epoch >= round(milestone * epochs) else 1.0)
+def step_lr(base_lr: float, epoch: int, epochs: int, milestones: float | tuple[float, ...]) -> float:
+    """``base_lr`` halved once per milestone reached: from epoch ``round(m * epochs)`` on for each fraction ``m``
+    of ``milestones`` (one fraction or several; PyTorch's MultiStepLR with gamma 0.5, the MIND reference's)."""
+    fractions = (milestones,) if isinstance(milestones, (int, float)) else tuple(milestones)
+    return base_lr * 0.5 ** sum(epoch >= round(m * epochs) for m in fractions)
 
 
 def block(logits: jax.Array, task, size: int) -> jax.Array:
@@ -70,7 +72,7 @@ class Phase:
     epochs: int
     batch_size: int
     lr: float
-    milestone: float = 1.0  # lr halved from round(milestone * epochs) on (1.0: never)
+    milestones: float | tuple[float, ...] = ()  # lr halved from round(m * epochs) on, each m (step_lr)
     drop_last: bool = True
 
 
@@ -103,7 +105,7 @@ class PrepareFn(Protocol):
 
 
 def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
-               teacher: Callable | None = None) -> PrepareFn:
+               teacher: Callable | None = None, pad: int = 4) -> PrepareFn:
     """A ``prepare`` for ``make_step``: augment and standardise ``batch.x``; ``teacher(ctx, x)`` logits if given.
 
     The teacher's logits are computed outside the gradient (stop-gradient).
@@ -111,7 +113,7 @@ def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     def prepare(batch: Batch, key: jax.Array, ctx) -> Inputs:
-        x = batching.augment(key, batch.x, mean, std, crop_flip, brightness=brightness)
+        x = batching.augment(key, batch.x, mean, std, crop_flip, pad=pad, brightness=brightness)
         t = None if teacher is None else jax.lax.stop_gradient(teacher(ctx, x))
         return Inputs(x, batch.y, t, batch.valid)
 
@@ -308,7 +310,7 @@ def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *
             log({"epoch": epoch, "lr": lr, **means})
 
     for epoch in bar:
-        lr = step_lr(phase.lr, epoch, phase.epochs, phase.milestone)
+        lr = step_lr(phase.lr, epoch, phase.epochs, phase.milestones)
         params, bs, opt_state = carry
         carry = (params, bs, set_learning_rate(opt_state, lr))
         ekey, key = jax.random.split(key)

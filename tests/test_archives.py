@@ -113,3 +113,51 @@ def test_missing_archives_are_one_clear_error(name, needs, tmp_path):
     assert "\n" not in str(err.value)
     assert not (tmp_path / "tfds" / name).exists()  # nothing left that looks like data
     assert archives.BUILDERS[name].missing_in(tmp_path / "empty")
+
+
+def _config(argv):
+    from experiments import mind as cli
+
+    return cli.resolve_config(cli.parser().parse_args(argv))
+
+
+def test_the_paper_protocol_of_each_benchmark_is_the_preset():
+    """What config.json records for ``--dataset X --task_count 10``: the reference's epochs, milestones,
+    augmentation and tau, no validation split and max_prob; given a validation split, the rule is chosen."""
+    want = {"tinyimagenet": dict(epochs=100, distill_epochs=120, lr_milestones=[0.7, 0.9], crop_pad=8,
+                                 temperature=12.0, brightness=63 / 255),
+            "core50": dict(epochs=20, distill_epochs=20, lr_milestones=[0.75], distill_milestones=[0.75],
+                           temperature=3.0, brightness=0.5),
+            "synbols": dict(epochs=25, distill_epochs=25, lr_milestones=[0.4, 0.8], distill_milestones=[0.6],
+                            crop_pad=0, temperature=4.0),
+            "cifar100": dict(epochs=50, distill_epochs=50, temperature=6.5)}
+    for dataset, fields in want.items():
+        cfg = _config(["--dataset", dataset, "--task_count", "10"])
+        m = cfg["mind"]
+        assert (cfg["task_count"], cfg["val_fraction"], m["arch"], m["batch_size"]) == (10, 0.0, "resnet32", 256)
+        assert (m["lr"], m["distill_lr"], m["inference"]["task_inference"]) == (0.005, 0.035, "max_prob")
+        for key, value in fields.items():
+            assert m[key] == pytest.approx(value), (dataset, key)
+        chosen = _config(["--dataset", dataset, "--val_fraction", "0.1"])["mind"]["inference"]["task_inference"]
+        assert chosen == "auto"
+        assert _config(["--dataset", dataset, "--val_fraction", "0.1", "--task_inference", "gauss_own_z"]
+                       )["mind"]["inference"]["task_inference"] == "gauss_own_z"
+
+
+def test_mind_runs_on_a_tinyimagenet_archive_through_the_cli(tmp_path):
+    from experiments import mind as cli
+
+    import json
+
+    raw = make_tinyimagenet(tmp_path / "raw")
+    argv = ["--dataset", "tinyimagenet", "--task_count", "10", "--data_dir", str(raw), "--tfds_dir",
+            str(tmp_path / "tfds"), "--arch", "mlp", "--hidden", "32", "--epochs", "1", "--distill_epochs", "1",
+            "--batch_size", "16", "--workdir", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset"] == "tinyimagenet" and config["mind"]["temperature"] == 12.0
+    assert config["mind"]["lr_milestones"] == [0.7, 0.9] and config["mind"]["crop_pad"] == 8
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["tasks_done"] == 10 and len(res["classes"]) == 10 and all(len(c) == 20 for c in res["classes"])
+    til = np.asarray(res["accuracy_matrix"]["til"], float)
+    assert np.all((til[-1] >= 0) & (til[-1] <= 1))

@@ -283,7 +283,7 @@ def test_paper_protocol_config_on_mock_cifar100():
     m = cfg["mind"]
     assert cfg["dataset"] == "cifar100" and cfg["val_fraction"] == 0.0
     assert (m["arch"], m["epochs"], m["distill_epochs"], m["batch_size"]) == ("resnet32", 50, 50, 256)
-    assert (m["lr"], m["lr_milestone"], m["distill_lr"], m["distill_milestone"]) == (0.005, 0.7, 0.035, 0.8)
+    assert (m["lr"], m["lr_milestones"], m["distill_lr"], m["distill_milestones"]) == (0.005, [0.7], 0.035, [0.8])
     assert (m["beta"], m["distill_loss"], m["distill_temperature"], m["temperature"]) == (5.0, "symkl", 1.0, 6.5)
     assert m["crop_flip"] and m["brightness"] == 63 / 255 and m["drop_last"] is False
     with tfds.testing.mock_data(num_examples=300):
@@ -317,3 +317,15 @@ def test_flags_override_the_preset_and_each_other():
     cfg = _cfg(["--temperature", "auto", "--no_augment", "--crop_flip", "--epochs", "3"])["mind"]
     assert cfg["temperature"] == "auto" and cfg["crop_flip"] is False and cfg["brightness"] == 0.0
     assert cfg["epochs"] == 3 and cfg["distill_epochs"] == 50  # a flag changes its own field only
+
+
+def test_learning_rate_halves_at_every_milestone():
+    """MultiStepLR with gamma 0.5 (the reference's): TinyImageNet's 100 epochs halve at 70 and at 90."""
+    from modkd_jax import training
+
+    lrs = [training.step_lr(0.005, e, 100, (0.7, 0.9)) for e in range(100)]
+    assert lrs[:70] == [0.005] * 70 and lrs[70:90] == [0.0025] * 20 and lrs[90:] == [0.00125] * 10
+    assert training.step_lr(1.0, 39, 50, 0.8) == 1.0 and training.step_lr(1.0, 40, 50, 0.8) == 0.5
+    assert training.step_lr(1.0, 49, 50, ()) == 1.0
+    with pytest.raises(ValueError, match="milestones"):
+        mind.MindConfig(lr_milestones=(1.5,))

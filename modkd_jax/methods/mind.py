@@ -53,8 +53,8 @@ class MindConfig:
     batch_size: int = 256
     lr: float = 0.005
     distill_lr: float = 0.035
-    lr_milestone: float = 0.7  # teacher lr halved at 35 of 50 epochs
-    distill_milestone: float = 0.8  # distillation lr halved at 40 of 50
+    lr_milestones: tuple[float, ...] = (0.7,)  # teacher lr halved at these fractions of its epochs (35 of 50)
+    distill_milestones: tuple[float, ...] = (0.8,)  # distillation lr halved at these fractions (40 of 50)
     optimizer: str = "adam"
     weight_decay: float = 0.0
     beta: float = 5.0
@@ -66,6 +66,7 @@ class MindConfig:
     self_distillation: bool = False
     init_new: str = "zero"  # tasks > 0: new weights start at zero (reference) or "keep" their random init
     crop_flip: bool = True
+    crop_pad: int = 4  # zero padding of the random crop (reference: 4 at 32x32, 8 on TinyImageNet; 0: flip only)
     brightness: float = 0.0  # brightness jitter d: images scaled by U[1 - d, 1 + d] (reference CIFAR: 63/255)
     drop_last: bool = False  # the reference trains on the last partial batch too
     teacher_bn: str = "running"  # teacher's batch norm while distilling: "running" statistics, or "batch" (train mode)
@@ -92,19 +93,29 @@ class MindConfig:
         if self.eval_strategy not in routing.STRATEGIES:
             raise ValueError(f"unknown eval_strategy {self.eval_strategy!r}; expected one of "
                              f"{', '.join(routing.STRATEGIES)}")
+        if self.crop_pad < 0 or not all(0 < m <= 1 for m in (*self.lr_milestones, *self.distill_milestones)):
+            raise ValueError("crop_pad must be >= 0 and learning-rate milestones fractions in (0, 1]")
         if min(self.epochs, self.distill_epochs, self.batch_size) < 1:
             raise ValueError("epochs, distill_epochs and batch_size must be at least 1")
 
 
-# Per-dataset presets: MindConfig fields plus the scenario's task count and validation share. CIFAR-100
-# is the paper's protocol (whole training split, crop + flip + brightness 63/255, the reference's tau
-# 6.5); datasets without a reference tau choose it on the seen tasks' validation split (None).
+# Per-dataset presets: MindConfig fields plus the scenario's task count and validation share. CIFAR-100,
+# TinyImageNet, CORe50 and Synbols are the paper's protocol as its reference code runs it (whole training
+# split, its epochs, learning-rate milestones, augmentation and tau: exp/*.sh and utils/transforms.py);
+# datasets without a reference tau choose it on the seen tasks' validation split (None).
 REFERENCE_BRIGHTNESS = 63 / 255
+_PAPER = dict(task_count=10, val_fraction=0.0, inference=task_inference.InferenceConfig(task_inference="max_prob"))
 _SMALL = dict(arch="mlp", epochs=5, distill_epochs=5, batch_size=128, lr=0.001, distill_lr=0.005, crop_flip=False,
               brightness=0.0, temperature=None, task_count=5, val_fraction=0.1)
 PRESETS = {
-    "cifar100": dict(task_count=10, val_fraction=0.0, brightness=REFERENCE_BRIGHTNESS,
-                     inference=task_inference.InferenceConfig(task_inference="max_prob")),
+    "cifar100": dict(_PAPER, brightness=REFERENCE_BRIGHTNESS),
+    "tinyimagenet": dict(_PAPER, epochs=100, lr_milestones=(0.7, 0.9), distill_epochs=120,
+                         distill_milestones=(80 / 120, 110 / 120), crop_pad=8, brightness=REFERENCE_BRIGHTNESS,
+                         temperature=12.0),
+    "core50": dict(_PAPER, epochs=20, lr_milestones=(0.75,), distill_epochs=20, distill_milestones=(0.75,),
+                   brightness=0.5, temperature=3.0),  # the reference also jitters hue by 0.3 (not here)
+    "synbols": dict(_PAPER, epochs=25, lr_milestones=(0.4, 0.8), distill_epochs=25, distill_milestones=(0.6,),
+                    crop_pad=0, temperature=4.0),  # flips only
     "cifar10": dict(task_count=5, val_fraction=0.1, brightness=REFERENCE_BRIGHTNESS, temperature=None),
     "mnist": _SMALL,
     "fashion_mnist": _SMALL,
@@ -173,7 +184,7 @@ def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind
     def self_teacher_logits(ctx, x):
         return training.block(frozen_logits(student.apply, ctx.teacher, x, ctx.task), ctx.task, k)
 
-    aug = dict(mean=mean, std=std, crop_flip=cfg.crop_flip, brightness=cfg.brightness)
+    aug = dict(mean=mean, std=std, crop_flip=cfg.crop_flip, pad=cfg.crop_pad, brightness=cfg.brightness)
     ce_teacher, ce_student = make_loss(teacher.apply, k), make_loss(student.apply, k)
     distill = make_loss(student.apply, k, cfg.distill_loss, cfg.beta, cfg.distill_temperature)
     steps = {
@@ -221,7 +232,7 @@ def _phase(mind: Mind, name: str, t: int, params, batch_stats, split, ctx: Conte
     distilling = name in ("distill", "self_distill")
     phase = training.Phase(cfg.distill_epochs if distilling else cfg.epochs, cfg.batch_size,
                            cfg.distill_lr if distilling else cfg.lr,
-                           cfg.distill_milestone if distilling else cfg.lr_milestone, cfg.drop_last)
+                           cfg.distill_milestones if distilling else cfg.lr_milestones, cfg.drop_last)
     return train_phase(mind.steps[name], mind.txs["distill" if distilling else "teacher"], params, batch_stats, split,
                        ctx, phase, key, task=t, name=name, log=log, progress=progress)
 

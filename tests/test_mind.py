@@ -283,7 +283,7 @@ def test_paper_protocol_config_on_mock_cifar100():
     m = cfg["mind"]
     assert cfg["dataset"] == "cifar100" and cfg["val_fraction"] == 0.0
     assert (m["arch"], m["epochs"], m["distill_epochs"], m["batch_size"]) == ("resnet32", 50, 50, 256)
-    assert (m["lr"], m["lr_milestones"], m["distill_lr"], m["distill_milestones"]) == (0.005, [0.7], 0.035, [0.8])
+    assert (m["lr"], list(m["lr_milestones"]), m["distill_lr"], list(m["distill_milestones"])) == (0.005, [0.7], 0.035, [0.8])
     assert (m["beta"], m["distill_loss"], m["distill_temperature"], m["temperature"]) == (5.0, "symkl", 1.0, 6.5)
     assert m["crop_flip"] and m["brightness"] == 63 / 255 and m["drop_last"] is False
     with tfds.testing.mock_data(num_examples=300):

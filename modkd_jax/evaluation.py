@@ -3,10 +3,10 @@
 A method supplies a jitted *counts function* ``counts(*args, x, y, valid,
 true_task, seen, *extra) -> {rule: correct count}`` (til, cil, the task-inference
 rules, task_id, routing ...); ``accuracies`` runs it over every split and
-divides. The counts functions shared by several methods (one network on one
-class block, a sub-network's features) and the choice of the task-inference
-rule live here too; the sub-networks of an owner map have their own evaluator,
-which keeps each sub-network's outputs (``subnet_eval``).
+divides. Splits can be placed on the device once (``place``). The counts
+functions shared by several methods (one network on one class block, a
+sub-network's features) live here too; the sub-networks of an owner map have
+their own evaluator, which keeps each sub-network's outputs (``subnet_eval``).
 """
 
 from __future__ import annotations
@@ -19,20 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import masks, parallel, task_inference
+from modkd_jax import masks, parallel
 from modkd_jax.data import batching
-
-
-def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Fixed-size batches ``(x, y, valid)`` over a split, the last one zero-padded (no recompiles)."""
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        pad = batch_size - len(yb)
-        valid = np.arange(batch_size) < len(yb)
-        if pad:
-            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-        yield xb, yb, valid
 
 
 class CountsFn(Protocol):
@@ -149,7 +137,7 @@ def counts_per_split(counts: CountsFn, args: tuple, splits, seen: int, batch_siz
     out = []
     for j, split in zip(task_ids, splits):
         total = None
-        for x, y, valid in pad_batches(split.x, split.y, batch_size):
+        for x, y, valid in batching.pad_batches(split.x, split.y, batch_size):
             c = counts(*args, x, y, valid, jnp.int32(j), jnp.int32(seen), *extra)
             total = c if total is None else jax.tree.map(jnp.add, total, c)
         out.append((jax.tree.map(parallel.to_host, total) if total is not None else None, len(split.y)))
@@ -232,79 +220,3 @@ def features_of(features: Callable, args: tuple, x, task: int, batch_size: int) 
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
     return _mapped(features, batch_size)(args, x, jnp.int32(task))[:n]
-
-
-def head(splits, n: int):
-    """The first ``n`` rows of each split (all of them for 0): a ``Placed`` or a list of ``Split``s."""
-    if isinstance(splits, Placed):
-        return splits.head(n)
-    return [s if n == 0 else dataclasses.replace(s, x=s.x[:n], y=s.y[:n], y_global=s.y_global[:n]) for s in splits]
-
-
-def choose_rule(cfg: task_inference.InferenceConfig, rules: tuple[str, ...], per_split: Callable, splits
-                ) -> tuple[int, dict]:
-    """The task-inference rule in use: ``(index into rules, info)``.
-
-    A fixed rule is used as configured; ``auto`` takes the rule with the best task identification
-    (``task_id_<rule>``) on ``splits``, the seen tasks' validation splits (never a test split), each cut to its
-    first ``cfg.choice_examples`` rows; ``per_split(splits)`` returns ``[(counts, examples)]`` per split.
-    """
-    if cfg.task_inference != "auto":
-        return rules.index(cfg.task_inference), {"rule": cfg.task_inference}
-    counted = per_split(head(splits, cfg.choice_examples))
-    examples = sum(n for _, n in counted)
-    if examples == 0:
-        raise ValueError("choosing the task-inference rule needs validation examples")
-    val = {r: float(sum(c[f"task_id_{r}"] for c, n in counted if n)) / examples for r in rules}
-    rule = task_inference.choose(val, rules)
-    return rules.index(rule), {"rule": rule, "val_task_id": val}
-
-
-def update_subnet_inference(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train, val: Placed,
-                            features: Callable, evaluator, args: tuple, batch_size: int, key: jax.Array, tau):
-    """``(inference, info)`` after task ``t`` of a sub-network method: t's statistics fitted from its training
-    split only, then the rule in use chosen on the seen tasks' validation splits (``choose_rule``).
-
-    Args:
-      cfg: the task-inference settings.
-      inference: the statistics so far (``task_inference.init_stats``).
-      scenario: the tasks (class counts).
-      t: the task that just ended.
-      train: its training split (a ``training.DeviceSplit`` or a host ``Split``).
-      val: the seen tasks' validation splits.
-      features: ``make_subnet_features``'s function.
-      evaluator: the method's ``subnet_eval.SubnetEvaluator``.
-      args: the sub-networks' ``(params, batch_stats, owner)``.
-      batch_size: batch of the feature passes.
-      key: PRNG key of the fits.
-      tau: the inference temperature.
-    """
-    inference = _fit_subnet_statistics(cfg, inference, scenario, t, train, features, args, batch_size, key)
-    candidates = cfg.candidates(task_inference.SUBNET_RULES)
-    rule, info = choose_rule(cfg, candidates, lambda s: evaluator.counts((*args, inference), s, t + 1,
-                                                                         rules=candidates, tau=tau), val)
-    return {**inference, "rule": jnp.int32(rule)}, info
-
-
-def _fit_subnet_statistics(cfg: task_inference.InferenceConfig, inference, scenario, t: int, train,
-                           features: Callable, args: tuple, batch_size: int, key: jax.Array):
-    """Task ``t``'s task-inference statistics from its training split only, on the device (padded rows masked)."""
-    if not any(r in inference for r in task_inference.SUBNET_RULES):
-        return inference  # no rule in use keeps statistics
-    x, y = jnp.asarray(train.x), jnp.asarray(train.y)
-    valid = jnp.arange(x.shape[0]) < len(train)
-    kwargs = {"x": task_inference.pixels(x)}
-    spaces = {task_inference.REGISTRY[r].space for r in task_inference.STAT_RULES if r in inference}
-    if "own" in spaces:
-        kwargs["own"] = features_of(features, args, x, t, batch_size)
-    if "first" in spaces:
-        kwargs["first"] = features_of(features, args, x, 0, batch_size)
-    return task_inference.fit_task(cfg, inference, t, y, len(scenario.tasks[t].classes), valid=valid, key=key,
-                                   **kwargs)
-
-
-def inference_report(inference, rules: tuple[str, ...], infos: list[dict]) -> dict:
-    """results.json's ``task_inference``: the rule in use after each task, its validation evidence, bytes per task."""
-    return {"task_inference": {"rules": list(rules), "rule_in_use": [i["task_inference"]["rule"] for i in infos],
-                               "val_task_id": [i["task_inference"].get("val_task_id") for i in infos],
-                               "bytes_per_task": task_inference.bytes_per_task(inference, rules)}}

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from modkd_jax import evaluation, losses, optim, parallel
+from modkd_jax import losses, optim, parallel
 from modkd_jax.data import batching
 
 PyTree = Any
@@ -365,7 +365,7 @@ def fisher_diagonal(fisher, variables: PyTree, split, task: int, samples: int = 
     """
     n = min(samples, len(split.y))
     total = None
-    for x, y, valid in evaluation.pad_batches(split.x[:n], split.y[:n], min(batch_size, n)):
+    for x, y, valid in batching.pad_batches(split.x[:n], split.y[:n], min(batch_size, n)):
         f = fisher(variables, x, y, valid, jnp.int32(task))
         total = f if total is None else jax.tree.map(jnp.add, total, f)
     return jax.tree.map(lambda v: v / n, total)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
@@ -97,3 +98,15 @@ def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad:
         return to_float(x_uint8, mean, std)
     x01 = random_brightness(jax.random.fold_in(key, 1), x_uint8.astype(jnp.float32) / 255.0, brightness)
     return _standardize(x01, mean, std)
+
+
+def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed-size batches ``(x, y, valid)`` over a split, the last one zero-padded (no recompiles)."""
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        pad = batch_size - len(yb)
+        valid = np.arange(batch_size) < len(yb)
+        if pad:
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+        yield xb, yb, valid

@@ -330,7 +330,7 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     fwd, trn = masks.forward_mask(owner, t), masks.trainable_mask(owner, t)
     params, batch_stats, _ = _run(b, "retrain", t, params, batch_stats, task.train,
                                   Context(jnp.int32(t), fwd, trn), cfg.retrain_epochs, k_retrain, log, progress)
-    inference, choice = evaluation.update_subnet_inference(
+    inference, choice = task_inference.update_subnet_inference(
         cfg.inference, state["inference"], b.scenario, t, task.train, b.val.take(range(t + 1)), b.features,
         b.subnets, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, cfg.temperature)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "inference": inference}
@@ -392,7 +392,7 @@ def learner(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -
                    learn_task=lambda state, t, key, **kw: learn_task(b, state, t, key, **kw),
                    evaluate=lambda state, seen: evaluate(b, state, tests(), seen),
                    param_counts=lambda state: {"model": models.param_count(state["params"])},
-                   report=(lambda state, infos: evaluation.inference_report(
+                   report=(lambda state, infos: task_inference.inference_report(
                        state["inference"], task_inference.SUBNET_RULES, infos)) if cfg.method == "packnet" else None,
                    describe=(lambda info: f"task inference {info['task_inference']['rule']}")
                    if cfg.method == "packnet" else None,

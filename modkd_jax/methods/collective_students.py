@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from modkd_jax import evaluation, losses, models, training
+from modkd_jax import losses, models, training
 from modkd_jax.agents import on_agents, place, stack_learners
 from modkd_jax.data import batching
 from modkd_jax.methods.collective_tables import NEG, dense, merge, own_tables, top_k_message
@@ -126,7 +126,7 @@ def student_view(world: World, students: PyTree, taught: np.ndarray, own: np.nda
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What every agent's student says of ``x``: own-class mass, best other class, best class (each ``[A, n]``)."""
     z = np.concatenate([np.asarray(world.fns["logits"](students, place(taught, world.mesh), xb))[:, valid]
-                        for xb, _, valid in evaluation.pad_batches(x, np.zeros(len(x), np.int32),
+                        for xb, _, valid in batching.pad_batches(x, np.zeros(len(x), np.int32),
                                                                    world.cfg.eval_batch_size)], axis=1)
     p = np.asarray(jax.nn.softmax(z, axis=-1))
     own_mass = np.sum(np.where(own[:, None, :], p, 0.0), axis=-1)

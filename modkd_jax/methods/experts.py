@@ -357,7 +357,7 @@ def learn_task(ex: Experts, state: PyTree, t: int, key: jax.Array, log: Callable
     inference = task_inference.fit_task(cfg.inference, state["inference"], t, task.train.y, len(task.classes),
                                         x=np.asarray(task_inference.pixels(task.train.x)), key=k_km)
     args = ({"params": params, "batch_stats": batch_stats}, router, inference)
-    rule, choice = evaluation.choose_rule(
+    rule, choice = task_inference.choose_rule(
         cfg.inference, INFERENCE, lambda s: evaluation.counts_per_split(ex.counts, args, s, t + 1, cfg.eval_batch_size),
         [ex.scenario.tasks[j].val for j in range(t + 1)])
     inference["rule"] = jnp.int32(rule)
@@ -402,7 +402,7 @@ def report(ex: Experts, state: PyTree, infos: list[dict]) -> dict:
     seen = np.asarray(state["router"]["seen"])
     til_activated = float(np.mean(membership[:, seen].sum(0))) if seen.any() else 0.0
     router = router_flops(in_dim, cfg.embed_dim, T * cfg.prototypes)
-    inference = evaluation.inference_report(state["inference"], INFERENCE, infos)
+    inference = task_inference.inference_report(state["inference"], INFERENCE, infos)
     inference["task_inference"]["bytes_per_task"]["prototype"] = int(state["router"]["prototypes"][0].nbytes)
     rule = INFERENCE[int(state["inference"]["rule"])]
     gauss = jax.tree.map(np.asarray, state["inference"]["gauss_input"])

@@ -287,7 +287,7 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         info["tau_val_cil"] = {str(k): v for k, v in val_cil.items()}
     info["tau"] = float(tau)
     # the task's inference statistics (its training data only), then the rule in use on the seen tasks' validation
-    inference, info["task_inference"] = evaluation.update_subnet_inference(
+    inference, info["task_inference"] = task_inference.update_subnet_inference(
         cfg.inference, state["inference"], mind.scenario, t, train, mind.val.take(range(t + 1)), mind.features,
         mind.subnets, (params, batch_stats, owner), cfg.eval_batch_size, k_stats, tau)
     state = {"params": params, "batch_stats": batch_stats, "owner": owner, "tau": tau, "inference": inference}
@@ -327,6 +327,6 @@ def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Le
         evaluate=lambda state, seen: evaluate(m, state, tests(), seen),
         param_counts=lambda state: {"student": models.param_count(state["params"]), "teacher": teacher},
         report=lambda state, infos: {"inference_temperature": [i["tau"] for i in infos],
-                                     **evaluation.inference_report(state["inference"], task_inference.SUBNET_RULES,
+                                     **task_inference.inference_report(state["inference"], task_inference.SUBNET_RULES,
                                                                    infos)},
         describe=describe, **scenario_fields(scenario))

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from modkd_jax import evaluation, optim, training
+from modkd_jax import optim, training
 from modkd_jax.data import batching
 from modkd_jax.methods.split_backbone_net import SplitBackbone, apply, apply_all, group_labels, path_names
 
@@ -153,13 +153,13 @@ def train_online(step: Callable, gate: Callable, carry, batches: Iterable[tuple]
                  total: int | None = None, desc: str = "", progress: bool = False):
     """One pass of ``step`` over host batches ``(x, y, task)``, each example seen once: carry, mean metrics.
 
-    Every batch is zero-padded to ``batch_size`` (``evaluation.pad_batches``: one
+    Every batch is zero-padded to ``batch_size`` (``batching.pad_batches``: one
     compiled shape); ``gate`` (``make_gate``) opens the task copies present in it.
     """
     sums, count = None, 0
     key = jax.random.key(0)  # unused: no augmentation
     for x, y, task in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
-        x, y, valid = next(evaluation.pad_batches(np.asarray(x), np.asarray(y), batch_size))
+        x, y, valid = next(batching.pad_batches(np.asarray(x), np.asarray(y), batch_size))
         task = np.asarray(task, np.int32)
         if task.ndim:  # one task id per example: padded like the labels
             task = np.concatenate([task, np.zeros(batch_size - len(task), np.int32)])

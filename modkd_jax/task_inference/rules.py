@@ -1,39 +1,13 @@
-"""Task inference: which sub-network (or expert) an input nobody labelled with a task belongs to.
-
-Every rule scores each seen task for every input of a batch; all of a
-method's rules run in one compiled evaluation pass (``infer``), and the class
-is then the chosen task's own prediction. Rules:
-
-- ``max_prob`` (MIND's rule): the highest ``softmax(z_t / tau)``.
-- ``top2_entropy`` (the reference's): of the two most confident tasks, the lower entropy.
-- ``energy``: the highest ``logsumexp(z_t)`` (free energy, Liu et al. 2020).
-- ``entropy``: the lowest entropy of ``softmax(z_t / tau)``.
-- ``entropy_grad``: SupSup's one-shot rule (Wortsman et al. 2020), *per example*: every seen
-  sub-network superposed with weight ``1/seen``, the task whose weight's increase lowers the
-  entropy of the output over all seen classes fastest (``-dH/dalpha_t`` highest). The published
-  rule takes the gradient of the entropy summed over a test batch, one task per batch.
-- ``gauss_input``: ``log p(x | t)`` under task t's class-conditional Gaussians of the pixels
-  (``gaussians.fit`` on t's training data when t ends).
-- ``gauss_own``: the same in the penultimate features of t's own sub-network (frozen once t ends).
-- ``gauss_first``: the same in the features of sub-network 0, one fixed space for all tasks.
-- ``prototype``: the best cosine of the pixels to t's spherical k-means prototypes
-  (``routing.prototype_scores``; the experts' router uses its own).
-
-No rule stores an image: statistics are means, covariance factors and
-centroids, kept in the method's state (``init_stats`` / ``fit_task``) so
-checkpoints, resumes and exported sub-networks carry them. ``choose`` picks
-the rule with the best task identification on validation data.
-"""
+"""The rule registry and the rules themselves: how much each input looks like each seen task, and the task
+each rule infers, from every sub-network's outputs and the statistics kept per task."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from modkd_jax import gaussians, masks, routing
 
@@ -134,87 +108,6 @@ def pixels(x_uint8: jax.Array) -> jax.Array:
     return x_uint8.reshape(x_uint8.shape[0], -1).astype(jnp.float32) / 255.0
 
 
-def _gauss_kwargs(cfg: InferenceConfig) -> dict:
-    return dict(shrinkage=cfg.gauss_shrinkage, rank=cfg.gauss_rank, components=cfg.gauss_components,
-                covariance=cfg.gauss_covariance)
-
-
-def init_stats(cfg: InferenceConfig, rules: Iterable[str], task_count: int, classes: int, input_dim: int,
-               feature_dim: int = 0, fitted: Iterable[str] | None = None) -> PyTree:
-    """Statistics of no task yet for the rules that keep some, and the rule in use (``"rule"``, an index of ``rules``).
-
-    ``fitted`` (default ``rules``) names the rules whose statistics live here (the experts' router keeps
-    its own prototypes). Every task's entry has its final shape from the start (a checkpoint restores into it).
-    """
-    rules = tuple(rules)
-    out: dict[str, Any] = {"rule": jnp.int32(rules.index(cfg.task_inference) if cfg.task_inference in rules else 0)}
-    for rule in rules if fitted is None else fitted:
-        if rule in GAUSS_RULES:
-            dim = input_dim if REGISTRY[rule].space == "pixels" else feature_dim
-            one = gaussians.empty(classes, dim, **_gauss_kwargs(cfg))
-            if REGISTRY[rule].standardised:
-                one.update(ll_mean=np.float32(0.0), ll_std=np.float32(1.0))
-            out[rule] = {k: jnp.asarray(np.stack([v] * task_count)) for k, v in one.items()}
-        elif rule == "prototype":
-            out[rule] = jnp.zeros((task_count, cfg.prototypes, input_dim), jnp.float32)
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "classes"))
-def fit_task(cfg: InferenceConfig, stats: PyTree, t, y: jax.Array, classes: int, *, valid: jax.Array | None = None,
-             x: jax.Array | None = None, own: jax.Array | None = None, first: jax.Array | None = None,
-             key: jax.Array | None = None) -> PyTree:
-    """``stats`` with row ``t`` fitted from task t's training data only, in one compiled call (the next task's
-    fit with the same shapes compiles nothing).
-
-    Args:
-      cfg: the Gaussian and prototype settings.
-      stats: from ``init_stats`` (its keys say which rules to fit).
-      t: the task that just ended (an int, or traced).
-      y: its task-local training labels ``(n,)``.
-      classes: its number of classes.
-      valid: bool ``(n,)``, the rows that are data in padded buffers (None: all).
-      x: its training pixels in [0, 1] ``(n, d)`` (``pixels``).
-      own: features of its training inputs in its own frozen sub-network ``(n, h)``.
-      first: the same in sub-network 0's.
-      key: PRNG key (k-means initialisations; None: ``jax.random.key(t)``).
-    """
-    key = jax.random.key(t) if key is None else key
-    valid = jnp.ones(y.shape, bool) if valid is None else valid
-    source = {"pixels": x, "own": own, "first": first}
-    out, by_space = dict(stats), {}
-    for rule in GAUSS_RULES:
-        if rule in stats:
-            space = source[REGISTRY[rule].space]
-            if REGISTRY[rule].space not in by_space:  # rules in one space share one fit
-                by_space[REGISTRY[rule].space] = gaussians.fit(space, y, classes, valid=valid, key=key,
-                                                               **_gauss_kwargs(cfg))
-            fitted = dict(by_space[REGISTRY[rule].space])
-            if REGISTRY[rule].standardised:
-                fitted.update(_standardiser(fitted, space, valid))
-            out[rule] = {k: v.at[t].set(fitted[k]) for k, v in stats[rule].items()}
-    if "prototype" in stats:
-        z = routing.l2_normalize(x.reshape(x.shape[0], -1).astype(jnp.float32))
-        out["prototype"] = stats["prototype"].at[t].set(routing.spherical_kmeans(key, z, cfg.prototypes, valid=valid))
-    return out
-
-
-STANDARDISER_CHUNK = 1024  # rows scored at once while standardising (the scores hold chunk x Gaussians x dims)
-
-
-def _standardiser(stats: dict, z: jax.Array, valid: jax.Array) -> dict:
-    """``{"ll_mean", "ll_std"}``: mean and spread of the task's log-likelihood on its own (valid) training rows,
-    so that its scores, in a space of its own, become comparable with other tasks' (``task_score``)."""
-    n = z.shape[0]
-    pad = -n % STANDARDISER_CHUNK
-    rows = jnp.concatenate([z, jnp.zeros((pad, *z.shape[1:]), z.dtype)]).reshape(-1, STANDARDISER_CHUNK, *z.shape[1:])
-    ll = jax.lax.map(lambda c: gaussians.task_log_likelihood(stats, c), rows).reshape(-1)[:n]
-    w = valid.astype(jnp.float32)
-    mean = jnp.sum(w * ll) / jnp.maximum(jnp.sum(w), 1.0)
-    std = jnp.sqrt(jnp.sum(w * (ll - mean) ** 2) / jnp.maximum(jnp.sum(w) - 1.0, 1.0))
-    return {"ll_mean": mean, "ll_std": jnp.maximum(std, 1e-6)}
-
-
 def task_score(rule: str, stats: dict, z: jax.Array) -> jax.Array:
     """How much each row of ``z`` (the rule's space) looks like one task under the task's statistics: ``(B,)``.
 
@@ -225,14 +118,6 @@ def task_score(rule: str, stats: dict, z: jax.Array) -> jax.Array:
         return routing.prototype_scores(z, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
     ll = gaussians.task_log_likelihood(stats, z)
     return (ll - stats["ll_mean"]) / stats["ll_std"] if REGISTRY[rule].standardised else ll
-
-
-def bytes_per_task(stats: PyTree, rules: Iterable[str]) -> dict[str, int]:
-    """Bytes each rule stores per task (0 for the rules that read only the outputs)."""
-    def row(tree):
-        return int(sum(np.asarray(v[0]).nbytes for v in jax.tree.leaves(tree)))
-
-    return {r: row(stats[r]) if r in stats else 0 for r in rules}
 
 
 def superpose(params: PyTree, batch_stats: PyTree, owner: PyTree, kinds: PyTree, alpha: jax.Array):

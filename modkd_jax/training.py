@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +25,44 @@ from modkd_jax.data import batching
 PyTree = Any
 
 
-def make_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
-    """A gated optimizer whose learning rate is a hyperparameter set per epoch (no recompiles)."""
-    if name == "adam":
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, lr: float | Mapping[str, float | None], weight_decay: float = 0.0, *,
+                   momentum: float = 0.9, groups=None, inject: bool = True, gate: bool = True
+                   ) -> optax.GradientTransformation:
+    """The one optimizer factory: Adam(W) or SGD with momentum, decoupled weight decay, optionally one learning
+    rate per parameter group, behind the gate of ``optim.gated``.
+
+    Args:
+      name: ``"adam"`` (``optax.adamw``) or ``"sgd"`` (weight decay added to the gradient, then momentum SGD).
+      lr: the learning rate, or ``{group: rate}`` per parameter group (None or 0: a frozen group) with ``groups``.
+      weight_decay: decoupled weight decay (Adam) / L2 term (SGD).
+      momentum: SGD momentum (0: none).
+      groups: the group of every parameter (a pytree of names, or a function of the params) for per-group rates.
+      inject: the single learning rate as a hyperparameter in the state (``set_learning_rate`` changes it per
+        epoch without a recompile).
+      gate: wrap in ``optim.gated`` (a ``mask=`` extra argument freezes weights bit for bit).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+    def make(learning_rate):
+        if name == "adam":
+            return optax.adamw(learning_rate, weight_decay=weight_decay)
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None))
+
+    if isinstance(lr, Mapping):
+        if groups is None:
+            raise ValueError("per-group learning rates need the parameters' groups")
+        inner = optim.per_group_lr(lr, groups, make=make)
+    elif not inject:
+        inner = make(lr)
+    elif name == "adam":  # its weight decay injected as well: the state and arithmetic MIND's runs have always had
         inner = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
-    elif name == "sgd":
-        inner = optax.inject_hyperparams(
-            lambda learning_rate: optax.chain(optax.add_decayed_weights(weight_decay),
-                                              optax.sgd(learning_rate, momentum=0.9)))(learning_rate=lr)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
-    return optim.gated(inner)
+        inner = optax.inject_hyperparams(make)(learning_rate=lr)
+    return optim.gated(inner) if gate else inner
 
 
 def set_learning_rate(opt_state, lr: float):

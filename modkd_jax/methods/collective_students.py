@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from modkd_jax import losses, models, training
 from modkd_jax.agents import on_agents, place, stack_learners
@@ -26,7 +25,7 @@ GATES = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01)  # own-cla
 def make_student_fns(cfg: CollectiveConfig, num_classes: int, norm, mesh) -> dict[str, Callable]:
     """The student's network, optimizer, train step and logits on the agents axis (``agents.on_agents``)."""
     net = models.build("mlp", num_classes, 1, hidden=tuple(cfg.student_hidden))
-    tx = optax.adam(cfg.lr)
+    tx = training.make_optimizer("adam", cfg.lr, inject=False, gate=False)
     mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
 
     def loss_fn(params, batch_stats, inputs, ctx):

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from modkd_jax import losses, training
@@ -136,7 +135,7 @@ def make_functions(cfg: DKTConfig, model: two_head.TwoHead, mean: tuple[float, .
     Cached: runs with equal settings (a resumed run) share one set of compiled functions.
     """
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    tx = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr, momentum=0.9)
+    tx = training.make_optimizer(cfg.optimizer, cfg.lr, inject=False, gate=False)
     step = training.make_step(make_loss(cfg, model), tx, make_prepare(cfg, model, mean, std), jit=False)
 
     def agent_step(learner, msg, has_teacher, data, shared):

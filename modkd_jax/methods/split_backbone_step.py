@@ -21,7 +21,7 @@ PyTree = Any
 
 def make_optimizer(net: SplitBackbone, lr_shared: float, lr_task: float, optimizer: str = "sgd",
                    momentum: float = 0.9):
-    """``optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task}))``.
+    """``training.make_optimizer`` with a learning rate per group (frozen: none, shared, task), gated.
 
     Args:
         net: the split network (its plan labels every parameter).
@@ -30,14 +30,8 @@ def make_optimizer(net: SplitBackbone, lr_shared: float, lr_task: float, optimiz
         optimizer: "sgd" or "adam".
         momentum: SGD momentum (0: none).
     """
-    if optimizer == "sgd":
-        make = lambda lr: optax.sgd(lr, momentum=momentum or None)  # noqa: E731
-    elif optimizer == "adam":
-        make = optax.adam
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
-    return optim.gated(optim.per_group_lr({"frozen": None, "shared": lr_shared, "task": lr_task},
-                                          functools.partial(group_labels, net), make=make))
+    return training.make_optimizer(optimizer, {"frozen": None, "shared": lr_shared, "task": lr_task},
+                                   momentum=momentum, groups=functools.partial(group_labels, net))
 
 
 def train_mask(net: SplitBackbone, params: dict, rows) -> dict:

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     """The CLI's flags: data flags, one flag per ``DKTConfig`` field, the scenario and the run."""
     p = argparse.ArgumentParser(prog="python -m experiments.dkt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p, default_dataset="mnist")
+    add_data_flags(p, default_dataset="mnist", datasets=dkt.PRESETS)
     add_config_flags(p, dkt.DKTConfig, NAMES, helps=HELPS)
     p.add_argument("--task_count", type=int, default=None, help="experiences (default per dataset)")
     p.add_argument("--val_fraction", type=float, default=None, help="validation share (default per dataset)")

@@ -17,17 +17,21 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modkd_jax import data, loop, parallel  # noqa: E402
 from modkd_jax.methods import baselines, mind  # noqa: E402
+from modkd_jax.task_inference import InferenceConfig  # noqa: E402
 
 
 def learners(mesh):
     scenario = data.build("class_split", data.load("digits"), 2, seed=0, val_fraction=0.1)
     common = dict(arch="mlp", hidden=(32, 32), batch_size=32, optimizer="sgd", lr=0.05, crop_flip=False)
+    fixed = InferenceConfig(task_inference="max_prob")  # auto's rules on a mesh: tests/parallel_check.py
     for sd in (False, True):
         cfg = mind.MindConfig(**common, epochs=2, distill_epochs=2, distill_lr=0.05, temperature=2.0,
-                              self_distillation=sd, policy="magnitude" if sd else "random")
+                              self_distillation=sd, policy="magnitude" if sd else "random",
+                              **({"inference": fixed} if sd else {}))
         yield cfg, mind.learner(cfg, scenario, mesh)
     for method in baselines.METHODS:
-        cfg = baselines.BaselineConfig(method=method, **common, epochs=2, retrain_epochs=2, ewc_samples=64)
+        cfg = baselines.BaselineConfig(method=method, **common, epochs=2, retrain_epochs=2, ewc_samples=64,
+                                       inference=fixed)
         yield cfg, baselines.learner(cfg, scenario, mesh)
 
 

@@ -138,3 +138,11 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
 
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])
+
+
+def publish(lines: list[str], path) -> str:
+    """The report ``lines`` printed and written to ``path`` (a results file); returns the text."""
+    text = "\n".join(lines)
+    print(text)
+    path.write_text(text)
+    return text

@@ -83,9 +83,7 @@ def main(argv=None) -> int:
              f"gap between the layouts (mean over seeds): TIL {gaps['til'].mean():.2f}, CIL {gaps['cil'].mean():.2f}; "
              f"spread between seeds (sample std): 1x4 TIL {std[1]['til']:.2f} CIL {std[1]['cil']:.2f}, "
              f"2x2 TIL {std[2]['til']:.2f} CIL {std[2]['cil']:.2f}", common.load(), ""]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.write_text(text)
+    common.publish(lines, RESULTS)
     return 0
 
 

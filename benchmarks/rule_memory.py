@@ -66,9 +66,7 @@ def main(argv=None) -> int:
         lines.append("| " + " | ".join([rule, *size, *tid]) + " |")
     lines += ["", "(mock data: random images and labels; the task identification only shows that every rule ran)",
               common.load(), ""]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.write_text(text)
+    common.publish(lines, RESULTS)
     return 0
 
 

@@ -18,7 +18,7 @@ from experiments.common import (UsageError, add_config_flags, add_inference_flag
                                 config_from, config_of, guarded, inference_from, inference_given, mesh_from_args,
                                 run_on_scenario, run_settings, show_progress)
 from modkd_jax import models
-from modkd_jax.methods import baselines, mind
+from modkd_jax.methods import baselines
 
 FLAGS = ("arch", "epochs", "retrain_epochs", "batch_size", "lr", "optimizer", "head", "lwf_alpha", "lwf_temperature",
          "ewc_lambda", "ewc_samples", "temperature", "crop_flip")
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.baselines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=baselines.METHODS)
-    add_run_flags(p, default_dataset="cifar100", datasets=mind.PRESETS)
+    add_run_flags(p, default_dataset="cifar100")
     add_config_flags(p, baselines.BaselineConfig, FLAGS, HELP, CHOICES)
     add_inference_flags(p)
     add_parallel_flags(p)

@@ -23,9 +23,9 @@ class UsageError(ValueError):
     """A flag combination that cannot run; reported as one line, exit code 2."""
 
 
-def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str, datasets: Iterable[str] = DATASETS) -> None:
-    """--dataset (one of ``datasets``: those the method has a preset for), --data_dir, --tfds_dir, --seed."""
-    parser.add_argument("--dataset", default=default_dataset, choices=[d for d in DATASETS if d in set(datasets)])
+def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str) -> None:
+    """--dataset, --data_dir, --tfds_dir, --seed (a CLI refuses a dataset its method has no preset for, in one line)."""
+    parser.add_argument("--dataset", default=default_dataset, choices=DATASETS)
     parser.add_argument("--data_dir", default=None,
                         help="folder with the official archives (TFDS manual_dir), e.g. ../shared/data/mnist; "
                              "env MODKD_DATA_DIR")
@@ -207,10 +207,9 @@ def inference_from(args: argparse.Namespace, base: task_inference.InferenceConfi
                        [f for f in INFERENCE_FLAGS if f not in skip])
 
 
-def add_run_flags(p: argparse.ArgumentParser, default_dataset: str, augment: bool = True,
-                  datasets: Iterable[str] = DATASETS) -> None:
+def add_run_flags(p: argparse.ArgumentParser, default_dataset: str, augment: bool = True) -> None:
     """Data, scenario, task count, validation share and run directory: what every task-sequence CLI takes."""
-    add_data_flags(p, default_dataset=default_dataset, datasets=datasets)
+    add_data_flags(p, default_dataset=default_dataset)
     p.add_argument("--scenario", default="class_split", choices=("class_split", "permuted"))
     p.add_argument("--task_count", type=int, default=None, help="number of tasks (default per dataset)")
     p.add_argument("--val_fraction", type=float, default=None,

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     """The CLI's flags: data flags, one flag per ``DKTConfig`` field, the scenario and the run."""
     p = argparse.ArgumentParser(prog="python -m experiments.dkt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p, default_dataset="mnist", datasets=dkt.PRESETS)
+    add_data_flags(p, default_dataset="mnist")
     add_config_flags(p, dkt.DKTConfig, NAMES, helps=HELPS)
     p.add_argument("--task_count", type=int, default=None, help="experiences (default per dataset)")
     p.add_argument("--val_fraction", type=float, default=None, help="validation share (default per dataset)")
@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting (flags over the dataset's preset over ``DKTConfig``), as saved in config.json."""
+    if args.dataset not in dkt.PRESETS:
+        raise UsageError(f"experiments.dkt supports {', '.join(dkt.PRESETS)}, not {args.dataset}")
     preset = dkt.PRESETS[args.dataset]
     cfg = config_from(dkt.DKTConfig, preset, args, NAMES)
     task_count = preset["task_count"] if args.task_count is None else args.task_count

@@ -60,7 +60,7 @@ CHOICES = {"allocation": X.ALLOCATIONS, "optimizer": ("adam", "sgd")}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.experts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_flags(p, default_dataset="mnist", augment=False, datasets=X.PRESETS)
+    add_run_flags(p, default_dataset="mnist", augment=False)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: --seed alone)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no_preserve", action="store_true", help="skip the knowledge-preservation protocol")

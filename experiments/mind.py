@@ -60,7 +60,7 @@ def _temperature(text: str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.mind", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_flags(p, default_dataset="cifar100", datasets=mind.PRESETS)
+    add_run_flags(p, default_dataset="cifar100")
     add_config_flags(p, mind.MindConfig, FLAGS, HELP, CHOICES, types={"temperature": _temperature})
     add_inference_flags(p)
     add_parallel_flags(p)

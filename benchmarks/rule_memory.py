@@ -49,7 +49,8 @@ def measure(arch: str, examples: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=["resnet32", "resnet18"])
-    ap.add_argument("--examples", type=int, default=400, help="mock examples per split")
+    ap.add_argument("--examples", type=int, default=1000,
+                    help="mock examples per split (about 10 per class, so each class keeps one for validation)")
     args = ap.parse_args(argv)
     from modkd_jax.task_inference import RULES
 

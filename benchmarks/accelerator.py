@@ -1,6 +1,6 @@
 """One script for a lent GPU/TPU: MIND's ResNet-32 hot paths measured on whatever backend JAX finds.
 
-    python -m benchmarks.accelerator --quick        # CPU: ~13 min on 2 busy cores -> results/accelerator_cpu.txt
+    python -m benchmarks.accelerator --quick        # CPU: ~3 min on 2 quiet cores -> results/accelerator_cpu.txt
     python -m benchmarks.accelerator [--out PATH]   # GPU/TPU: ~5-8 min -> results/accelerator_<backend>.txt
     python -m benchmarks.accelerator --parts 1,3    # some parts only
 

@@ -4,7 +4,7 @@
     python -m benchmarks.accelerator [--out PATH]   # GPU/TPU: ~5-8 min -> results/accelerator_<backend>.txt
     python -m benchmarks.accelerator --parts 1,3    # some parts only
 
-On XLA:CPU the ResNet-32 step inside run_phase's compiled epoch loop runs ~19x slower than the same step as
+On XLA:CPU the ResNet-32 step inside run_phase's compiled epoch loop runs ~20-25x slower than the same step as
 its own program (part 2 prints the ratio), which is why parts 2 and 4 take most of the CPU run.
 
 On a GPU machine: ``pip install -e ".[cuda12]"``, then ``python -m benchmarks.accelerator`` (on the lent

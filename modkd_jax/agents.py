@@ -48,13 +48,24 @@ def default_devices(agents: int) -> int:
 
 
 def check_split(agents: int, devices: int) -> None:
-    """A ValueError unless ``agents`` split evenly over ``devices`` (1 device: nothing to split)."""
+    """A ValueError unless ``agents`` split evenly over ``devices`` (1 device: nothing to split).
+
+    Args:
+      agents: the number of agents.
+      devices: the devices on the ``agents`` mesh axis.
+    """
     if devices > 1 and agents % devices:
         raise ValueError(f"{agents} agents cannot be split evenly over {devices} devices")
 
 
 def place(tree: PyTree, mesh: Mesh | None, shared: bool = False) -> PyTree:
-    """Put ``tree`` on device: its leading axis split over the mesh's agents (or replicated if ``shared``)."""
+    """Put ``tree`` on device: its leading axis split over the mesh's agents (or replicated if ``shared``).
+
+    Args:
+      tree: per-agent arrays ``[A, ...]`` (or shared ones, with ``shared``).
+      mesh: the agents mesh (``make_mesh``); None: the default device.
+      shared: replicate every leaf on each device instead of splitting it.
+    """
     if mesh is None:
         return jax.device_put(tree)
     return jax.device_put(tree, NamedSharding(mesh, P() if shared else P(AXIS)))
@@ -65,7 +76,14 @@ def on_agents(fn: Callable, mesh: Mesh | None, n_agent_args: int, n_shared: int 
     """``fn(*per_agent_args, *shared_args)`` vmapped over the agents axis, jitted; with a mesh, inside shard_map.
 
     The body is the same in both cases: shard_map only hands each device its
-    block of agents. ``fn`` may not communicate across agents.
+    block of agents.
+
+    Args:
+      fn: one agent's function; it may not communicate across agents. Its outputs get an agents axis.
+      mesh: the agents mesh (``make_mesh``); None: plain vmap on one device.
+      n_agent_args: the leading arguments with an agents axis (mapped).
+      n_shared: the trailing arguments every agent shares (not mapped; replicated).
+      donate: positions of the arguments donated.
     """
     axes = (0,) * n_agent_args + (None,) * n_shared
     body = jax.vmap(fn, in_axes=axes)
@@ -109,13 +127,26 @@ def _shifter(mesh: Mesh | None, shift: int) -> Callable:
 
 
 def shift_agents(tree: PyTree, shift: int, mesh: Mesh | None) -> PyTree:
-    """Agent ``a`` receives agent ``(a + shift) % A``'s slice of every leaf: the only cross-agent traffic."""
+    """Agent ``a`` receives agent ``(a + shift) % A``'s slice of every leaf: the only cross-agent traffic.
+
+    Args:
+      tree: per-agent arrays ``[A, ...]``, placed as ``place`` does.
+      shift: agent ``a`` takes agent ``a + shift``'s slice (modulo A; see ``round_shift``).
+      mesh: the agents mesh; None: ``jnp.roll`` on one device.
+    """
     agents = jax.tree.leaves(tree)[0].shape[0]
     return _shifter(mesh, int(shift) % agents)(tree)
 
 
 def round_shift(topology: str, agents: int, seed: int, round_index: int) -> int:
-    """Whose message each agent takes in a round: ring always ``a+1``; gossip ``a+s``, s in [1, A) drawn per round."""
+    """Whose message each agent takes in a round: ring always ``a+1``; gossip ``a+s``, s in [1, A) drawn per round.
+
+    Args:
+      topology: ``"ring"`` or ``"gossip"`` (``TOPOLOGIES``).
+      agents: the number of agents A (with 2, always 1).
+      seed: the run's seed (gossip draws are reproducible).
+      round_index: the round, mixed into the draw.
+    """
     if topology == "ring" or agents == 2:
         return 1
     return int(np.random.default_rng([seed, 104729, round_index]).integers(1, agents))
@@ -130,7 +161,13 @@ def tree_bytes(tree: PyTree) -> int:
 
 
 def probe_holdout(ds: Dataset, n_probe: int, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """``(ds without the probe rows, probe images, probe row indices)``: an unlabelled probe set from train."""
+    """``(ds without the probe rows, probe images, probe row indices)``: an unlabelled probe set from train.
+
+    Args:
+      ds: the dataset; the probe comes from its training rows.
+      n_probe: the probe rows, at least 1 and fewer than half the training rows.
+      seed: the seed of the draw.
+    """
     if not 0 < n_probe < len(ds.train_y) // 2:
         raise ValueError(f"n_probe must be in [1, {len(ds.train_y) // 2}) for {ds.name}, got {n_probe}")
     idx = np.sort(np.random.default_rng([seed, 7919]).choice(len(ds.train_y), n_probe, replace=False))
@@ -140,7 +177,13 @@ def probe_holdout(ds: Dataset, n_probe: int, seed: int) -> tuple[Dataset, np.nda
 
 
 def class_mask(scenario: Scenario, tasks: int, num_classes: int) -> np.ndarray:
-    """Boolean ``[num_classes]``: the classes of the scenario's first ``tasks`` tasks."""
+    """Boolean ``[num_classes]``: the classes of the scenario's first ``tasks`` tasks.
+
+    Args:
+      scenario: the scenario, its tasks' ``classes`` global class ids.
+      tasks: how many of its tasks, from the first.
+      num_classes: the mask's length (every class of the dataset).
+    """
     mask = np.zeros(num_classes, bool)
     for task in scenario.tasks[:tasks]:
         mask[task.classes] = True
@@ -150,8 +193,11 @@ def class_mask(scenario: Scenario, tasks: int, num_classes: int) -> np.ndarray:
 def stack_splits(splits: list[Split | None], n_max: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x [A, n_max, ...], y_global [A, n_max], n [A])``: one split per agent, zero-padded to one shape.
 
-    A fixed ``n_max`` for a whole run keeps one compiled step for every experience. An agent
-    without a split (``None``) gets zero rows (``n = 0``).
+    Args:
+      splits: one ``Split`` per agent (uint8 images), at least one not None; an agent without a split (None)
+        gets zero rows (``n = 0``).
+      n_max: the padded length (None: the largest split); a fixed one for a whole run keeps one compiled step
+        for every experience.
     """
     n = np.array([0 if s is None else len(s) for s in splits], np.int64)
     n_max = int(n.max()) if n_max is None else n_max
@@ -167,7 +213,14 @@ def stack_splits(splits: list[Split | None], n_max: int | None = None) -> tuple[
 def stack_learners(init: Callable[[jax.Array], tuple[PyTree, PyTree]], keys: list[jax.Array], tx) -> PyTree:
     """Fresh learners (params, batch stats, optimizer state of ``tx``), one per key, stacked on the agents axis.
 
-    ``init(key) -> (params, batch_stats)`` initialises one learner; the stack is on the host (``place`` it).
+    Args:
+      init: ``init(key) -> (params, batch_stats)`` initialises one learner.
+      keys: one PRNG key per agent.
+      tx: the optimizer whose state each learner gets.
+
+    Returns:
+      ``{"params", "batch_stats", "opt"}``, each leaf ``[A, ...]``; params and batch stats on the host
+      (``place`` them).
     """
     per = [init(k) for k in keys]
     params = jax.tree.map(lambda *a: np.stack(a), *[p for p, _ in per])

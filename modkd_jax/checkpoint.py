@@ -55,10 +55,12 @@ def _is_global(x) -> bool:
 def global_tree(mesh, tree: PyTree) -> PyTree:
     """``tree`` with every leaf a global ``jax.Array`` on ``mesh`` (what multi-host orbax saves).
 
-    Global arrays stay as they are; every other leaf (numpy, Python numbers, an
-    array on one local device) holds the same value in every process (same
-    seed, same computation) and is replicated over the mesh. A copy for the
-    save: the caller's tree is unchanged.
+    A copy for the save: the caller's tree is unchanged.
+
+    Args:
+      mesh: the learner's mesh, to replicate process-local leaves over.
+      tree: the state; global arrays stay as they are, every other leaf (numpy, Python numbers, an array on
+        one local device) holds the same value in every process (same seed, same computation) and is replicated.
     """
     from modkd_jax import parallel
 
@@ -68,10 +70,12 @@ def global_tree(mesh, tree: PyTree) -> PyTree:
 def local_like(restored: PyTree, like: PyTree) -> PyTree:
     """Each restored leaf in the layout of the matching leaf of ``like`` (the fresh state).
 
-    Global arrays in ``like`` keep their restored (same) sharding; host leaves
-    come back as numpy; arrays committed to this process's devices go back to
-    them and uncommitted ones come back uncommitted, so the resumed state mixes
-    with the mesh's arrays as a fresh run's state does.
+    The resumed state mixes with the mesh's arrays as a fresh run's state does.
+
+    Args:
+      restored: the state as restored (global arrays replicated over the mesh).
+      like: the fresh state: its global arrays keep their restored (same) sharding; host leaves come back as
+        numpy; arrays committed to this process's devices go back to them, uncommitted ones stay uncommitted.
     """
     def back(r, x):
         if _is_global(x):
@@ -99,8 +103,15 @@ def agreed_step(step: int | None) -> int | None:
 def save(mngr: ocp.CheckpointManager, step: int, state: PyTree, meta: dict, mesh=None) -> None:
     """Write ``state`` and ``meta`` as ``step`` and wait until it is on disk.
 
-    With several processes every process calls it with the same ``step`` and the
-    learner's ``mesh``; the state is saved as global arrays (``global_tree``).
+    With several processes every process calls it with the same ``step``.
+
+    Args:
+      mngr: the run's manager (``manager``).
+      step: the step number (``i + 1`` after task ``i``).
+      state: the pytree to save (arrays, keys as ``key_to_array``).
+      meta: JSON-ready values saved beside it.
+      mesh: the learner's mesh; with several processes the state is saved as global arrays on it
+        (``global_tree``). None: one process.
     """
     if _multi(mesh):
         state = global_tree(mesh, state)
@@ -114,9 +125,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree, meta: dict, mesh
 def latest(mngr: ocp.CheckpointManager, like: PyTree, mesh=None) -> tuple[int, PyTree, dict] | None:
     """``(step, state, meta)`` of the newest step, restored into the structure of ``like``; None if none.
 
-    With several processes and the learner's ``mesh`` every process restores
-    process 0's newest step (``agreed_step``) into the replicated layout and
-    gets each leaf back in ``like``'s layout (``local_like``).
+    Args:
+      mngr: the run's manager (``manager``).
+      like: a fresh state of the same structure, shapes and dtypes.
+      mesh: the learner's mesh; with several processes every process restores process 0's newest step
+        (``agreed_step``) into the replicated layout and gets each leaf back in ``like``'s layout (``local_like``).
+
+    Raises:
+      CheckpointError: the newest step cannot be read.
     """
     step = agreed_step(mngr.latest_step())
     if step is None:
@@ -146,11 +162,16 @@ def export_subnetwork(path: str | os.PathLike, params: PyTree, batch_stats: PyTr
                       task: int, spec: dict, inference: PyTree | None = None) -> None:
     """Save task ``task``'s frozen sub-network on its own: its gated weights, masks and batch norm.
 
-    ``spec`` (JSON) must say how to rebuild the model (e.g. arch, num_outputs,
-    num_tasks, block_size); it is stored beside the arrays. ``inference`` (a
-    state's task-inference statistics, ``task_inference.init_stats``) adds the
-    task's own row of every statistic, so the exported sub-network can still
-    claim its inputs among others.
+    Args:
+      path: the folder to write (``arrays`` and ``spec.json``; an existing one is overwritten).
+      params: the whole network's parameters.
+      batch_stats: its batch statistics (saved whole: per-task rows included).
+      owner: the owner maps; the sub-network computes with the weights of tasks <= ``task``.
+      task: the sub-network to export.
+      spec: JSON values that say how to rebuild the model (e.g. arch, num_outputs, num_tasks, block_size),
+        stored beside the arrays with ``task``.
+      inference: a state's task-inference statistics (``task_inference.init_stats``): the task's own row of
+        every statistic is saved too, so the exported sub-network can still claim its inputs among others.
     """
     path = Path(path).resolve()
     mask = masks.forward_mask(owner, task)

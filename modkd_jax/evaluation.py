@@ -34,6 +34,10 @@ def batch_size_for(counts: Callable, batch_size: int) -> int:
     """The evaluation batch: ``batch_size`` rounded up to a multiple of a data-parallel function's devices.
 
     It never depends on a split's size, so every split of every task runs the one compiled program.
+
+    Args:
+      counts: the counts (or features) function: jitted, or a ``parallel.DataParallel``.
+      batch_size: the requested batch (at least 1 is used).
     """
     n = parallel.devices_of(counts)
     return -(-max(1, batch_size) // n) * n
@@ -71,9 +75,12 @@ class Placed:
 def place(splits, batch_size: int, mesh=None) -> Placed:
     """``splits`` (``Split``s) on the device once, end to end, padded so that any split's last batch is in bounds.
 
-    With a ``mesh`` the rows are replicated on every device (each device slices its share of a batch).
-    The batch is ``batch_size`` capped at the largest split (rounded up to the mesh's devices): fixed for the
-    run, since every task's split is placed at once, and no tiny split pays for a full batch.
+    Args:
+      splits: a non-empty sequence of ``Split``s (every task's, placed at once).
+      batch_size: the evaluation batch, capped at the largest split (rounded up to the mesh's devices): fixed
+        for the run, and no tiny split pays for a full batch.
+      mesh: the rows are replicated on every device of it (each device slices its share of a batch);
+        None: the default device.
     """
     sizes = tuple(len(s.y) for s in splits)
     n = 1 if mesh is None else mesh.devices.size
@@ -119,8 +126,18 @@ def counts_per_split(counts: CountsFn, args: tuple, splits, seen: int, batch_siz
                      task_ids: Iterable[int] | None = None, extra: tuple = ()) -> list[tuple[dict, int]]:
     """``[(summed counts, examples)]`` per split; split ``i`` belongs to task ``task_ids[i]`` (default ``i``).
 
-    ``splits`` is a ``Placed`` (device-resident: one compiled loop per split, one fetch per split) or a list
-    of ``Split``s (fixed-size padded batches from the host).
+    Args:
+      counts: the method's jitted counts function (``CountsFn``), or a ``parallel.DataParallel`` of one.
+      args: its leading arguments (variables, owner map ...).
+      splits: a ``Placed`` (device-resident: one compiled loop per split, one fetch per split) or a list
+        of ``Split``s (fixed-size padded batches from the host).
+      seen: the number of tasks learnt so far.
+      batch_size: examples per call (padded; capped at a ``Placed``'s batch).
+      task_ids: the task of each split (default ``0, 1, ...``).
+      extra: trailing arguments of ``counts``.
+
+    Returns:
+      One ``(counts, examples)`` per split; counts as host arrays, None for an empty split.
     """
     task_ids = range(len(splits)) if task_ids is None else list(task_ids)
     if isinstance(splits, Placed):
@@ -163,7 +180,14 @@ def accuracies(counts: CountsFn, args: tuple, splits, seen: int, batch_size: int
 
 
 def make_block_counts(apply_fn: Callable, block_size: int, mean, std) -> Callable:
-    """``counts(variables, x, y, valid, task, seen) -> {"til": count}`` of one network on one task's block, jitted."""
+    """``counts(variables, x, y, valid, task, seen) -> {"til": count}`` of one network on one task's block, jitted.
+
+    Args:
+      apply_fn: the model's ``apply(variables, x, task, train=False) -> logits``.
+      block_size: the classes per task (``y`` is task-local).
+      mean: per-channel mean of ``batching.to_float`` (``x`` comes as uint8).
+      std: per-channel standard deviation of it.
+    """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
@@ -177,7 +201,15 @@ def make_block_counts(apply_fn: Callable, block_size: int, mean, std) -> Callabl
 
 def block_accuracy(counts: Callable, variables, split, task: int, batch_size: int) -> float:
     """Accuracy of ``counts`` (``make_block_counts``) on one split of ``task`` (a ``Split`` or a one-split
-    ``Placed``); NaN for an empty split."""
+    ``Placed``); NaN for an empty split.
+
+    Args:
+      counts: the function of ``make_block_counts``.
+      variables: ``{"params", "batch_stats"}`` of the network.
+      split: the task's ``Split``, or a ``Placed`` holding it alone.
+      task: the task index (its class block).
+      batch_size: examples per call.
+    """
     splits = split if isinstance(split, Placed) else [split]
     if sum(split.sizes if isinstance(split, Placed) else [len(split.y)]) == 0:
         return float("nan")
@@ -185,7 +217,13 @@ def block_accuracy(counts: Callable, variables, split, task: int, batch_size: in
 
 
 def make_subnet_features(apply_fn: Callable, mean, std) -> Callable:
-    """``features(params, batch_stats, owner, x, task) -> (B, h)``: sub-network ``task``'s features, jitted."""
+    """``features(params, batch_stats, owner, x, task) -> (B, h)``: sub-network ``task``'s features, jitted.
+
+    Args:
+      apply_fn: the model's ``apply(variables, x, task, train=False, with_features=True) -> (logits, features)``.
+      mean: per-channel mean of ``batching.to_float`` (``x`` comes as uint8).
+      std: per-channel standard deviation of it.
+    """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
     @jax.jit
@@ -212,7 +250,15 @@ def _mapped(features: Callable, batch_size: int) -> Callable:
 
 def features_of(features: Callable, args: tuple, x, task: int, batch_size: int) -> jax.Array:
     """``features(*args, batch, task)`` of every image of ``x`` (host or device rows), in order: ``(n, h)`` on the
-    device, computed in one compiled call (no fetch per batch)."""
+    device, computed in one compiled call (no fetch per batch).
+
+    Args:
+      features: a features function (``make_subnet_features``), jitted or a ``parallel.DataParallel``.
+      args: its leading arguments (``params, batch_stats, owner``).
+      x: the images, ``[n, ...]``.
+      task: the sub-network.
+      batch_size: examples per batch (``x`` is zero-padded to a multiple).
+    """
     batch_size = batch_size_for(features, batch_size)
     n = len(x)
     pad = -n % batch_size

@@ -48,14 +48,24 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def rank_for(dim: int, rank: int) -> int:
-    """The covariance rank kept for ``dim``-dimensional data: ``rank``, or the full ``dim`` for 0."""
+    """The covariance rank kept for ``dim``-dimensional data: ``rank``, or the full ``dim`` for 0.
+
+    Args:
+      dim: the data's dimension d.
+      rank: the requested rank, >= 0 (capped at ``dim``; 0: full).
+    """
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     return dim if rank == 0 else min(rank, dim)
 
 
 def components_for(classes: int, components: int) -> int:
-    """Gaussians per class: ``components``, or (0) ``COMPONENTS_PER_TASK // classes`` (at least 1)."""
+    """Gaussians per class: ``components``, or (0) ``COMPONENTS_PER_TASK // classes`` (at least 1).
+
+    Args:
+      classes: the task's classes.
+      components: the requested Gaussians per class, >= 0 (0: the default).
+    """
     if components < 0:
         raise ValueError(f"components must be >= 0, got {components}")
     return components or max(1, COMPONENTS_PER_TASK // classes)
@@ -302,7 +312,16 @@ def fit(x: jax.Array, y: jax.Array, classes: int, *, valid: jax.Array | None = N
 def empty(classes: int, dim: int, *, rank: int = 0, components: int = 1, covariance: str = "component",
           **_) -> dict[str, np.ndarray]:
     """Statistics of the shapes ``fit`` returns, for a task not yet learnt (every weight -inf; ``fit``'s other
-    settings are ignored)."""
+    settings are ignored).
+
+    Args:
+      classes: the task's classes.
+      dim: the data's dimension d.
+      rank: eigenvectors kept per covariance (0: full), as in ``fit``.
+      components: Gaussians per class (0: ``components_for``'s default), as in ``fit``.
+      covariance: ``"component"`` or ``"task"``, as in ``fit``.
+      **_: ``fit``'s other settings (``shrinkage``), ignored.
+    """
     r, G = rank_for(dim, rank), classes * components_for(classes, components)
     S = 1 if covariance == "task" else G
     components = components_for(classes, components)
@@ -314,7 +333,12 @@ def empty(classes: int, dim: int, *, rank: int = 0, components: int = 1, covaria
 
 
 def covariance(stats: dict, s: int) -> np.ndarray:
-    """The dense ``(d, d)`` covariance ``s`` that ``stats`` represent (tests; large for big ``d``)."""
+    """The dense ``(d, d)`` covariance ``s`` that ``stats`` represent (tests; large for big ``d``).
+
+    Args:
+      stats: one task's statistics (``fit``).
+      s: the covariance's index, in ``[0, S)``.
+    """
     u, lam = np.asarray(stats["basis"][s], np.float64), 1.0 / np.asarray(stats["inv_lam"][s], np.float64)
     d, r = u.shape
     s2 = 0.0 if r == d else 1.0 / float(stats["inv_s2"][s])
@@ -322,7 +346,12 @@ def covariance(stats: dict, s: int) -> np.ndarray:
 
 
 def log_likelihood(stats: dict, x: jax.Array) -> jax.Array:
-    """``log N(x; mu_g, Sigma_g)`` of every row of ``x`` ``(B, d)`` under every Gaussian: ``(B, G)``."""
+    """``log N(x; mu_g, Sigma_g)`` of every row of ``x`` ``(B, d)`` under every Gaussian: ``(B, G)``.
+
+    Args:
+      stats: one task's statistics (``fit``).
+      x: the rows, flattened to ``(B, d)``.
+    """
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)
     cov = stats["cov"]
     proj_mu = jnp.einsum("gd,gdr->gr", stats["mean"], stats["basis"][cov])
@@ -336,7 +365,12 @@ def log_likelihood(stats: dict, x: jax.Array) -> jax.Array:
 
 
 def task_log_likelihood(stats: dict, x: jax.Array) -> jax.Array:
-    """``log p(x | task)``, the task's Gaussians mixed by their weights: ``(B,)`` (-inf for an empty task)."""
+    """``log p(x | task)``, the task's Gaussians mixed by their weights: ``(B,)`` (-inf for an empty task).
+
+    Args:
+      stats: one task's statistics (``fit``).
+      x: the rows, flattened to ``(B, d)``.
+    """
     return jax.nn.logsumexp(log_likelihood(stats, x) + stats["log_weight"][None], axis=-1)
 
 

@@ -58,6 +58,13 @@ def open_run_dir(workdir: str | Path, cfg: dict) -> Path:
 
     A refused run directory (another config, not empty) ends every process with
     a ``RunDirError``, not only process 0 (the others would wait for it forever).
+
+    Args:
+      workdir: the run directory (``rundir.open_run`` creates it or checks its config).
+      cfg: every setting of the run, saved as config.json or compared with the one there.
+
+    Returns:
+      ``workdir`` as a ``Path``, in every process.
     """
     if jax.process_count() == 1:
         return rundir.open_run(workdir, cfg)
@@ -158,7 +165,16 @@ def run(learner: Learner, cfg: dict, workdir: str | Path | None, *, progress: bo
 
 
 def make_results(learner: Learner, cfg: dict, R: dict, seconds: list, infos: list, state) -> dict:
-    """results.json: one layout for every method (``SCHEMA``)."""
+    """results.json: one layout for every method (``SCHEMA``).
+
+    Args:
+      learner: the method that ran.
+      cfg: every setting of the run.
+      R: ``{rule: accuracy matrix}``, each ``[*lead, T, T]`` (NaN for tasks not reached yet).
+      seconds: the wall time of each finished task.
+      infos: the per-task info dicts of ``learner.learn_task`` (JSON-ready).
+      state: the learner's state, for its parameter counts and ``learner.report``.
+    """
     done = len(seconds)
     results = {
         "schema": SCHEMA, "method": learner.name, "config": cfg, "tasks": list(learner.tasks),

@@ -42,7 +42,12 @@ def _f32(x: jax.typing.ArrayLike) -> Array:
 
 
 def batch_mean(values: Array, weights: jax.typing.ArrayLike | None = None) -> Array:
-    """Mean of per-example ``values``, or their ``weights``-weighted mean (a padded batch's ``valid`` mask)."""
+    """Mean of per-example ``values``, or their ``weights``-weighted mean (a padded batch's ``valid`` mask).
+
+    Args:
+      values: per-example values ``[B, ...]``.
+      weights: per-example weights ``[B]`` (or the values' leading axes), broadcast over the rest; None: plain mean.
+    """
     if weights is None:
         return jnp.mean(values)
     w = jnp.asarray(weights, jnp.float32).reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
@@ -69,15 +74,24 @@ def _kl_log(log_p: Array, log_q: Array) -> Array:
 
 
 def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, weights=None) -> Array:
-    """Batch-mean softmax cross-entropy with integer labels (the plain task loss); ``weights``: see ``batch_mean``."""
+    """Batch-mean softmax cross-entropy with integer labels (the plain task loss); ``weights``: see ``batch_mean``.
+
+    Args:
+      logits: ``[..., num_classes]``.
+      labels: integer class indices, the logits' leading shape.
+      weights: per-example weights (a padded batch's ``valid`` mask); None: plain mean.
+    """
     return batch_mean(optax.softmax_cross_entropy_with_integer_labels(_f32(logits), labels), weights)
 
 
 def block_logits(logits: jax.typing.ArrayLike, offset: int | Array, size: int) -> Array:
     """Logits of one task's class block [offset, offset+size), so training never sees other tasks.
 
-    ``size`` must be static; ``offset`` may be traced. As with
-    ``jax.lax.dynamic_slice``, an offset that would run past the end is clamped.
+    Args:
+      logits: ``[..., num_classes]``.
+      offset: the block's first class; may be traced. As with ``jax.lax.dynamic_slice``, an offset that would
+        run past the end is clamped.
+      size: the block's classes (static).
     """
     return jax.lax.dynamic_slice_in_dim(jnp.asarray(logits), offset, size, axis=-1)
 
@@ -88,7 +102,10 @@ def masked_logits(logits: jax.typing.ArrayLike, valid: jax.typing.ArrayLike) -> 
     A finite value is used instead of -inf so that softmax, CE and KL stay
     finite with finite gradients even if a whole row is masked (it becomes
     uniform instead of NaN); exp(-1e9 - max) underflows to exactly 0 in float32.
-    ``valid`` broadcasts against ``logits`` (e.g. shape ``[num_classes]``).
+
+    Args:
+      logits: ``[..., num_classes]``.
+      valid: boolean, broadcast against ``logits`` (e.g. shape ``[num_classes]``); False masks a class.
     """
     logits = jnp.asarray(logits)
     return jnp.where(valid, logits, jnp.asarray(MASK_VALUE, logits.dtype))
@@ -100,7 +117,14 @@ def kd_kl(
     temperature: float | Array,
     weights=None,
 ) -> Array:
-    """Hinton distillation: T^2 * KL(p_teacher || p_student) at temperature T, teacher frozen."""
+    """Hinton distillation: T^2 * KL(p_teacher || p_student) at temperature T, teacher frozen.
+
+    Args:
+      student_logits: ``[..., num_classes]``.
+      teacher_logits: the same shape (a stop_gradient is applied here).
+      temperature: T.
+      weights: per-example weights (see ``batch_mean``); None: plain batch mean.
+    """
     log_pt = _log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
     log_ps = _log_probs(student_logits, temperature)
     return batch_mean(_kl_log(log_pt, log_ps), weights) * temperature**2
@@ -115,8 +139,14 @@ def js_divergence(
     """Batch-mean Jensen-Shannon divergence of softmax(p/T) and softmax(q/T), in [0, log 2].
 
     JS = 0.5 KL(p||m) + 0.5 KL(q||m) with log m = logaddexp(log p, log q) - log 2.
-    Symmetric and bounded, unlike KL. No stop_gradient is applied here: wrap
-    the teacher's logits in ``jax.lax.stop_gradient`` at the call site.
+    Symmetric and bounded, unlike KL.
+
+    Args:
+      p_logits: ``[..., num_classes]``.
+      q_logits: the same shape. No stop_gradient is applied here: wrap the teacher's logits in
+        ``jax.lax.stop_gradient`` at the call site.
+      temperature: T.
+      weights: per-example weights (see ``batch_mean``); None: plain batch mean.
     """
     log_p = _log_probs(p_logits, temperature)
     log_q = _log_probs(q_logits, temperature)
@@ -133,7 +163,13 @@ def mse_soft_targets(
     teacher_logits: jax.typing.ArrayLike,
     temperature: float | Array = 1.0,
 ) -> Array:
-    """Mean (over batch and classes) squared error between softened probabilities, teacher frozen."""
+    """Mean (over batch and classes) squared error between softened probabilities, teacher frozen.
+
+    Args:
+      student_logits: ``[..., num_classes]``.
+      teacher_logits: the same shape (a stop_gradient is applied here).
+      temperature: the softening temperature T (no T^2 factor).
+    """
     p_t = jnp.exp(_log_probs(jax.lax.stop_gradient(teacher_logits), temperature))
     p_s = jnp.exp(_log_probs(student_logits, temperature))
     return jnp.mean((p_s - p_t) ** 2)
@@ -150,7 +186,12 @@ def symmetric_kl(
     The paper calls it "Jensen-Shannon", but its formula (and the reference code)
     is this symmetric KL; ``js_divergence`` is the true JS. The T^2 factor keeps
     the gradient's scale independent of T (as in Hinton's KD); at T = 1 it is 1.
-    No stop_gradient here: wrap the teacher's logits at the call site.
+
+    Args:
+      p_logits: ``[..., num_classes]``.
+      q_logits: the same shape. No stop_gradient here: wrap the teacher's logits at the call site.
+      temperature: T.
+      weights: per-example weights (see ``batch_mean``); None: plain batch mean.
     """
     log_p = _log_probs(p_logits, temperature)
     log_q = _log_probs(q_logits, temperature)
@@ -170,10 +211,15 @@ def distillation(
     """The distillation term ``kind`` against a frozen teacher at temperature T, scaled by T^2 (``weights``: a
     padded batch's ``valid`` mask, see ``batch_mean``).
 
-    ``symkl``: MIND's L_SD (``symmetric_kl``, the paper's default); ``js``: the
-    true Jensen-Shannon divergence (``js_divergence``); ``kd``: Hinton's
-    KL(p_teacher || p_student) (``kd_kl``). Every kind carries the T^2 factor,
-    so T = 1 gives the plain divergence.
+    Every kind carries the T^2 factor, so T = 1 gives the plain divergence.
+
+    Args:
+      kind: ``symkl``: MIND's L_SD (``symmetric_kl``, the paper's default); ``js``: the true Jensen-Shannon
+        divergence (``js_divergence``); ``kd``: Hinton's KL(p_teacher || p_student) (``kd_kl``).
+      student_logits: ``[..., num_classes]``.
+      teacher_logits: the same shape (a stop_gradient is applied here).
+      temperature: T.
+      weights: per-example weights; None: plain batch mean.
     """
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     if kind == "symkl":
@@ -195,7 +241,16 @@ def mind_distillation_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """MIND objective CE(student, labels) + beta * L_SD(teacher, student) at T, teacher frozen; returns (loss, parts).
 
-    L_SD is the paper's symmetric KL by default (``kind``: see ``distillation``).
+    Args:
+      student_logits: ``[B, num_classes]``.
+      teacher_logits: the same shape (frozen: a stop_gradient is applied).
+      labels: integer classes ``[B]``.
+      beta: the weight of L_SD.
+      temperature: T of L_SD.
+      kind: L_SD's divergence, the paper's symmetric KL by default (see ``distillation``).
+
+    Returns:
+      ``(loss, {"ce", "distill"})``.
     """
     ce = cross_entropy(student_logits, labels)
     sd = distillation(kind, student_logits, teacher_logits, temperature)

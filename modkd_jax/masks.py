@@ -63,7 +63,13 @@ def _per_task_owner(shape: tuple[int, ...]) -> jax.Array:
 
 
 def init_owners(params: PyTree, kinds: PyTree, block_sizes: tuple[int, ...]) -> PyTree:
-    """Initial owner maps: gated weights free, classifier blocks and per-task rows pre-assigned."""
+    """Initial owner maps: gated weights free, classifier blocks and per-task rows pre-assigned.
+
+    Args:
+      params: the parameter pytree (only the leaves' shapes are read).
+      kinds: the params' structure, each leaf ``GATED``, ``CLASSIFIER`` or ``PER_TASK``.
+      block_sizes: the classes of each task, in order (the classifier leaves' last axis is their sum).
+    """
     if len(block_sizes) > MAX_TASKS:
         raise ValueError(f"at most {MAX_TASKS} tasks are supported, got {len(block_sizes)}")
 
@@ -79,12 +85,22 @@ def init_owners(params: PyTree, kinds: PyTree, block_sizes: tuple[int, ...]) -> 
 
 
 def forward_mask(owner: PyTree, task) -> PyTree:
-    """Weights sub-network ``task`` computes with: those owned by tasks <= task."""
+    """Weights sub-network ``task`` computes with: those owned by tasks <= task.
+
+    Args:
+      owner: the owner maps (``init_owners``, ``assign``).
+      task: the task id (an int or a traced array).
+    """
     return jax.tree.map(lambda o: (o >= 0) & (o <= task), owner)
 
 
 def trainable_mask(owner: PyTree, task) -> PyTree:
-    """Weights that receive updates while training ``task``: those it owns."""
+    """Weights that receive updates while training ``task``: those it owns.
+
+    Args:
+      owner: the owner maps (``init_owners``, ``assign``).
+      task: the task id (an int or a traced array).
+    """
     return jax.tree.map(lambda o: o == task, owner)
 
 
@@ -101,8 +117,11 @@ def full_mask(params: PyTree) -> PyTree:
 def share_count(free, task, task_count):
     """How many of a layer's ``free`` weights task ``task`` of ``task_count`` receives (ints or traced arrays).
 
-    The still-free weights are split evenly over the tasks left, so the shares of
-    N tasks always add up to the whole layer (the last task takes the remainder).
+    Args:
+      free: the layer's weights still free before ``task``; they are split evenly over the tasks left, so the
+        shares of all tasks add up to the whole layer (the last task takes the remainder).
+      task: the task id, from 0.
+      task_count: the number of tasks of the run.
     """
     return free // (task_count - task)
 
@@ -163,10 +182,21 @@ def assign(
 ) -> PyTree:
     """Assign task ``task`` its share of every gated layer's free weights.
 
-    ``policy="random"`` draws uniformly among free weights from ``key``;
-    ``policy="magnitude"`` keeps the largest ``|w|`` of the (trained) ``weights``.
     Classifier blocks and per-task rows are already owned and are left alone.
     Each gated layer is one jitted call whose program later tasks reuse (no host sync, no recompile).
+
+    Args:
+      owner: the owner maps.
+      kinds: the leaf kinds, the owner maps' structure.
+      task: the task that receives weights, in ``0..task_count - 1``.
+      task_count: the number of tasks of the run.
+      policy: ``"random"`` draws uniformly among free weights from ``key``; ``"magnitude"`` keeps the largest
+        ``|w|`` of ``weights``.
+      key: the PRNG key of ``"random"``.
+      weights: the (trained) parameters ``"magnitude"`` ranks.
+
+    Returns:
+      The owner maps with ``task``'s share marked.
     """
     _check_policy(policy, key, weights)
     _check_task(int(task), int(task_count))
@@ -185,7 +215,12 @@ def assign(
 
 
 def free_fraction(owner: PyTree, kinds: PyTree) -> dict[str, float]:
-    """Capacity left: the fraction of free weights of each gated layer, keyed by its path."""
+    """Capacity left: the fraction of free weights of each gated layer, keyed by its path.
+
+    Args:
+      owner: the owner maps.
+      kinds: the leaf kinds, the owner maps' structure.
+    """
     out = {}
     for (path, o), kind in zip(jax.tree_util.tree_flatten_with_path(owner)[0], jax.tree.leaves(kinds)):
         if kind == GATED:
@@ -194,7 +229,12 @@ def free_fraction(owner: PyTree, kinds: PyTree) -> dict[str, float]:
 
 
 def capacity_left(owner: PyTree, kinds: PyTree) -> float:
-    """The fraction of all gated weights still free."""
+    """The fraction of all gated weights still free.
+
+    Args:
+      owner: the owner maps.
+      kinds: the leaf kinds, the owner maps' structure.
+    """
     free = total = 0
     for o, kind in zip(jax.tree.leaves(owner), jax.tree.leaves(kinds)):
         if kind == GATED:
@@ -204,7 +244,15 @@ def capacity_left(owner: PyTree, kinds: PyTree) -> float:
 
 
 def reinit_assigned(params: PyTree, owner: PyTree, kinds: PyTree, task: int, mode: str) -> PyTree:
-    """Set the gated weights just given to ``task``: ``"zero"`` (as the MIND reference) or ``"keep"``."""
+    """Set the gated weights just given to ``task``: ``"zero"`` (as the MIND reference) or ``"keep"``.
+
+    Args:
+      params: the parameters.
+      owner: the owner maps, with ``task``'s share assigned (``assign``).
+      kinds: the leaf kinds (only ``GATED`` leaves change).
+      task: the task whose weights are reset.
+      mode: ``"zero"`` sets them to 0; ``"keep"`` returns ``params`` as they are.
+    """
     if mode == "keep":
         return params
     if mode != "zero":
@@ -218,5 +266,10 @@ def reinit_assigned(params: PyTree, owner: PyTree, kinds: PyTree, task: int, mod
 
 
 def gate(params: PyTree, mask: PyTree) -> PyTree:
-    """The parameters a sub-network computes with: masked-out weights read as exact zeros."""
+    """The parameters a sub-network computes with: masked-out weights read as exact zeros.
+
+    Args:
+      params: the parameters.
+      mask: the params' structure, True where a weight is used (``forward_mask``); leaves broadcast to the params.
+    """
     return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, mask)

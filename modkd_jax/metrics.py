@@ -45,7 +45,12 @@ def _check_matrix(R: ArrayLike) -> np.ndarray:
 
 
 def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
-    """Fraction of predicted labels equal to the true labels."""
+    """Fraction of predicted labels equal to the true labels.
+
+    Args:
+      pred: predicted labels, non-empty.
+      labels: true labels, the shape of ``pred``.
+    """
     pred, labels = np.asarray(pred), np.asarray(labels)
     if pred.shape != labels.shape or pred.size == 0:
         raise ValueError(
@@ -55,7 +60,12 @@ def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
 
 
 def average_accuracy(R: ArrayLike, i: int | None = None) -> float:
-    """Mean accuracy over tasks 0..i after training task i (default: last row)."""
+    """Mean accuracy over tasks 0..i after training task i (default: last row).
+
+    Args:
+      R: the ``[T, T]`` accuracy matrix.
+      i: the row (negative counts from the end); None: the last.
+    """
     R = _check_matrix(R)
     T = R.shape[0]
     i = T - 1 if i is None else i
@@ -89,7 +99,12 @@ def backward_transfer(R: ArrayLike) -> float:
 
 
 def forward_transfer(R: ArrayLike, baseline: ArrayLike) -> float:
-    """FWT = mean_{j >= 1} (R[j-1, j] - baseline[j]), baseline = random-init accuracy per task (0.0 when T == 1)."""
+    """FWT = mean_{j >= 1} (R[j-1, j] - baseline[j]), baseline = random-init accuracy per task (0.0 when T == 1).
+
+    Args:
+      R: the ``[T, T]`` accuracy matrix.
+      baseline: ``[T]``: a randomly-initialised model's accuracy on each task (chance level is not assumed).
+    """
     R = _check_matrix(R)
     T = R.shape[0]
     baseline = np.asarray(baseline, dtype=np.float64)
@@ -116,6 +131,10 @@ def welch(a: ArrayLike, b: ArrayLike) -> tuple[float, float]:
     """Welch's t statistic and two-sided p-value of mean(a) - mean(b) over seeds (unequal variances).
 
     NaN when undefined (fewer than two values on a side, or no variance on either), never "significant".
+
+    Args:
+      a: one value per seed of the first method.
+      b: one value per seed of the second.
     """
     from scipy import stats
 

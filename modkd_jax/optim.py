@@ -43,12 +43,23 @@ def _keep(u: jax.Array, m) -> jax.Array:
 
 
 def gate_updates(updates: PyTree, mask: PyTree) -> PyTree:
-    """Replace updates by ``-0.0`` where the mask is False (``params + updates`` then keeps them exactly)."""
+    """Replace updates by ``-0.0`` where the mask is False (``params + updates`` then keeps them exactly).
+
+    Args:
+      updates: the optimizer's updates.
+      mask: the params' structure; each leaf a boolean array of the leaf's shape or a scalar bool (True: trains).
+    """
     return jax.tree.map(_keep, updates, mask)
 
 
 def apply_gated(params: PyTree, updates: PyTree, mask: PyTree) -> PyTree:
-    """``params + updates`` where the mask is True, the old parameter bits elsewhere (a select)."""
+    """``params + updates`` where the mask is True, the old parameter bits elsewhere (a select).
+
+    Args:
+      params: the parameters.
+      updates: the optimizer's updates, the structure of ``params``.
+      mask: the params' structure; each leaf a boolean array of the leaf's shape or a scalar bool (True: trains).
+    """
     return jax.tree.map(lambda p, u, m: jnp.where(m, (p + u).astype(p.dtype), p), params, updates, mask)
 
 
@@ -93,9 +104,11 @@ def per_group(
 ) -> optax.GradientTransformation:
     """One optimizer per parameter group (``optax.partition``); ``None`` marks a frozen group.
 
-    Example: ``per_group({"frozen": None, "shared": optax.sgd(1e-3),
-    "task": optax.sgd(1e-2)}, labels)`` where ``labels`` maps each leaf to a
-    group name (a pytree or a function of the params).
+    Example: ``per_group({"frozen": None, "shared": optax.sgd(1e-3), "task": optax.sgd(1e-2)}, labels)``.
+
+    Args:
+      transforms: ``{group name: optimizer}``; None freezes the group (updates of ``-0.0``, ``frozen``).
+      labels: each leaf's group name: a pytree of the params' structure, or a function of the params.
     """
     txs = {name: (frozen() if tx is None else tx) for name, tx in transforms.items()}
     return optax.partition(txs, labels)
@@ -106,5 +119,11 @@ def per_group_lr(
     labels: PyTree | Callable[[PyTree], PyTree],
     make: Callable[[float], optax.GradientTransformation] = optax.sgd,
 ) -> optax.GradientTransformation:
-    """``per_group`` with one learning rate per group: ``{"frozen": None, "shared": 1e-3, "task": 1e-2}``."""
+    """``per_group`` with one learning rate per group: ``{"frozen": None, "shared": 1e-3, "task": 1e-2}``.
+
+    Args:
+      learning_rates: ``{group name: learning rate}``; None or 0 freezes the group.
+      labels: each leaf's group name: a pytree of the params' structure, or a function of the params.
+      make: the optimizer of one group from its learning rate.
+    """
     return per_group({k: (None if lr is None or lr == 0 else make(lr)) for k, lr in learning_rates.items()}, labels)

@@ -52,14 +52,18 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
     coordinator, the process count and the process id itself, so run the same
     command on every host, e.g.
     ``gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m experiments.mind --distributed"``.
-    Elsewhere pass them as arguments (``coordinator_address="host0:1234",
-    num_processes=N, process_id=i``) or set ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; arguments win over the
-    variables (jax itself does not read the last two). CPU collectives across
-    processes use gloo unless ``jax_cpu_collectives_implementation`` was set.
+    Elsewhere pass the next three arguments or set their variables; arguments win over the variables.
+    CPU collectives across processes use gloo unless ``jax_cpu_collectives_implementation`` was set.
     Afterwards ``jax.devices()`` lists every device of every host,
     ``make_mesh()`` spans them all, and ``shard_batch`` hands JAX each
-    process's own rows of a batch. ``enabled=False`` (single host) does nothing.
+    process's own rows of a batch.
+
+    Args:
+      enabled: start the runtime; False (single host) does nothing.
+      coordinator_address: e.g. ``"host0:1234"``; else ``JAX_COORDINATOR_ADDRESS``, else found by JAX.
+      num_processes: the process count N; else ``JAX_NUM_PROCESSES`` (jax itself does not read it), else found.
+      process_id: this process's id in ``0..N - 1``; else ``JAX_PROCESS_ID`` (jax does not read it), else found.
+      **kwargs: passed on to ``jax.distributed.initialize``.
 
     Raises:
         ValueError: a process count or id that is not an integer, or an id out of range.
@@ -126,9 +130,13 @@ def _int_setting(variable: str, value: int | None) -> int | None:
 def make_mesh(data: int | None = None, agents: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes ``("agents", "data")`` over ``devices`` (default: every device of every process).
 
-    ``data`` defaults to the device count divided by ``agents``; ``agents *
-    data`` devices are used (the first ones). Axes are ``Auto``: XLA propagates
+    The first ``agents * data`` devices are used. Axes are ``Auto``: XLA propagates
     shardings from the annotations (plain ``jit``, no explicit-sharding types).
+
+    Args:
+      data: the size of the ``data`` axis (None: the device count divided by ``agents``).
+      agents: the size of the ``agents`` axis.
+      devices: the devices to use (None: ``jax.devices()``).
     """
     devices = list(jax.devices() if devices is None else devices)
     if agents < 1:
@@ -148,12 +156,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
-    """Axis ``axis`` (the batch axis: 0 for inputs, 1 for ``subnet_probs``' output) split along ``data``."""
+    """Axis ``axis`` (the batch axis: 0 for inputs, 1 for ``subnet_probs``' output) split along ``data``.
+
+    Args:
+      mesh: the mesh (``make_mesh``).
+      axis: the array axis split over the ``data`` devices.
+    """
     return NamedSharding(mesh, P(*([None] * axis), "data"))
 
 
 def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
-    """``tree`` copied to every device of ``mesh`` (with several processes: from each process's own copy)."""
+    """``tree`` copied to every device of ``mesh`` (with several processes: from each process's own copy).
+
+    Args:
+      mesh: the mesh (``make_mesh``).
+      tree: a pytree of arrays (and PRNG keys); every process must hold the same values.
+    """
     sharding = replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
@@ -188,7 +206,15 @@ def _check_batch(x, size: int) -> None:
 
 
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
-    """The rows of a global batch of ``shape`` that this process's devices hold under ``sharding``."""
+    """The rows of a global batch of ``shape`` that this process's devices hold under ``sharding``.
+
+    Args:
+      sharding: the batch's sharding (``batch_sharding``: split along the leading axis).
+      shape: the global batch's shape.
+
+    Returns:
+      One slice of the leading axis.
+    """
     starts, stops = zip(*((idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
                           for idx in sharding.addressable_devices_indices_map(shape).values()))
     return slice(min(starts), max(stops))
@@ -197,10 +223,14 @@ def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
 def shard_batch(mesh: Mesh, tree: PyTree) -> PyTree:
     """Every array of the global batch ``tree`` split along its leading axis over ``data``.
 
-    Every process passes the same global batch (the same seed draws the same
-    batches everywhere) and hands JAX only the rows its own devices hold
-    (``process_rows``, ``jax.make_array_from_process_local_data``), so each
-    host transfers 1/N of every batch and the global batch is the 1-process one.
+    Each process hands JAX only the rows its own devices hold (``process_rows``,
+    ``jax.make_array_from_process_local_data``), so each host transfers 1/N of every
+    batch and the global batch is the 1-process one.
+
+    Args:
+      mesh: the mesh (``make_mesh``).
+      tree: the global batch, the same in every process (the same seed draws the same batches everywhere);
+        leading axes must divide by the ``data`` axis size.
     """
     sharding = batch_sharding(mesh)
 
@@ -222,7 +252,15 @@ def _placed(tree: PyTree, sharding: NamedSharding) -> bool:
 
 
 class DataParallel:
-    """A jitted function of this library made data-parallel on a mesh (see ``data_parallel``)."""
+    """A jitted function of this library made data-parallel on a mesh (see ``data_parallel``).
+
+    Args:
+      fn: the function, as ``jax.jit`` would take it.
+      mesh: the mesh (``make_mesh``).
+      batch_argnums: positions of the arguments split along ``data``.
+      donate_argnums: positions of the arguments donated.
+      out_shardings: the outputs' shardings (None: replicated).
+    """
 
     def __init__(self, fn: Callable, mesh: Mesh, batch_argnums: Sequence[int], donate_argnums: Sequence[int],
                  out_shardings: PyTree):
@@ -281,14 +319,19 @@ def data_parallel(fn: Callable, mesh: Mesh, batch_argnums: Sequence[int] = (1,),
                   donate_argnums: Sequence[int] = (0,), out_shardings: PyTree = None) -> DataParallel:
     """``fn`` (a jitted step or evaluator of this library) data-parallel on ``mesh``.
 
-    Positional arguments in ``batch_argnums`` (arrays or pytrees of arrays) are
-    split along ``data`` (their leading axis), all others replicated; outputs are
-    replicated unless ``out_shardings`` says otherwise (a pytree prefix of
-    ``NamedSharding``). ``fn`` runs unchanged: this is ``jax.jit`` with sharding
+    ``fn`` runs unchanged: this is ``jax.jit`` with sharding
     annotations, and the reductions over the batch (losses, gradients, batch-norm
     statistics) become global reductions across the mesh. A batch that does not
     split evenly over ``data`` (an epoch's last partial batch) runs replicated:
     every device computes it whole, so the result is the single-device one.
+
+    Args:
+      fn: the function (its plain, unjitted form or a jitted one).
+      mesh: the mesh (``make_mesh``).
+      batch_argnums: positional arguments (arrays or pytrees of arrays) split along ``data`` (their leading
+        axis); all others are replicated.
+      donate_argnums: positional arguments whose buffers are donated (a train step's carry).
+      out_shardings: a pytree prefix of ``NamedSharding`` for the outputs (None: replicated).
     """
     return DataParallel(fn, mesh, batch_argnums, donate_argnums, out_shardings)
 
@@ -300,6 +343,11 @@ def devices_of(fn: Callable) -> int:
 
 def constrain_batch(mesh: Mesh, tree: PyTree) -> PyTree:
     """Inside a compiled function: every array of ``tree`` split along its leading axis over ``data`` (a batch
-    gathered on the device from replicated rows; each device computes its share)."""
+    gathered on the device from replicated rows; each device computes its share).
+
+    Args:
+      mesh: the mesh (``make_mesh``).
+      tree: the batch's arrays (traced).
+    """
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)

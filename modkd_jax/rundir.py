@@ -34,7 +34,12 @@ def jsonable(x: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON atomically (NaN becomes null)."""
+    """Write ``data`` as JSON atomically (NaN becomes null).
+
+    Args:
+      path: the file to write (a ``.tmp`` sibling is written first, then renamed).
+      data: any value ``jsonable`` turns into JSON (arrays, NumPy scalars, nested dicts and lists).
+    """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(jsonable(data), indent=2, sort_keys=True) + "\n")
@@ -42,7 +47,18 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def open_run(workdir: str | os.PathLike, config: dict) -> Path:
-    """Create ``workdir`` with ``config.json``, or check that an existing run has the same config."""
+    """Create ``workdir`` with ``config.json``, or check that an existing run has the same config.
+
+    Args:
+      workdir: the run directory (created if missing; may already hold a ``checkpoints`` folder).
+      config: the run's settings, written as ``config.json`` or compared key by key with the one there.
+
+    Returns:
+      ``workdir`` as a ``Path``.
+
+    Raises:
+      RunDirError: the folder holds another config, an unreadable config.json, or other files and no config.
+    """
     workdir = Path(workdir)
     cfg_path = workdir / "config.json"
     config = jsonable(config)
@@ -64,18 +80,33 @@ def open_run(workdir: str | os.PathLike, config: dict) -> Path:
 
 
 def log_metrics(workdir: Path, record: dict) -> None:
-    """Append one JSON line to ``metrics.jsonl``."""
+    """Append one JSON line to ``metrics.jsonl``.
+
+    Args:
+      workdir: the run directory.
+      record: the metrics of one step or phase (made ``jsonable``).
+    """
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
 
 
 def truncate_metrics(workdir: Path, before_task: int) -> None:
-    """Drop metric lines of tasks >= ``before_task`` (left by an interrupted run before resuming)."""
+    """Drop metric lines of tasks >= ``before_task`` (left by an interrupted run before resuming).
+
+    Args:
+      workdir: the run directory.
+      before_task: the first task index to drop (records without a ``task`` key are kept).
+    """
     filter_metrics(workdir, lambda rec: rec.get("task", -1) < before_task)
 
 
 def filter_metrics(workdir: Path, keep_record) -> None:
-    """Rewrite ``metrics.jsonl`` atomically with only the records ``keep_record(dict)`` accepts."""
+    """Rewrite ``metrics.jsonl`` atomically with only the records ``keep_record(dict)`` accepts.
+
+    Args:
+      workdir: the run directory (nothing happens without a ``metrics.jsonl``).
+      keep_record: a predicate on one parsed record; True keeps the line.
+    """
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return
@@ -86,7 +117,13 @@ def filter_metrics(workdir: Path, keep_record) -> None:
 
 
 def plot_matrices(path: str | os.PathLike, matrices: dict[str, np.ndarray], title: str = "") -> None:
-    """Heatmaps of accuracy matrices R[i, j] (row: after task i, column: task j) side by side, as PNG."""
+    """Heatmaps of accuracy matrices R[i, j] (row: after task i, column: task j) side by side, as PNG.
+
+    Args:
+      path: the PNG file to write.
+      matrices: ``{panel title: R}``, each R a ``[T, T]`` accuracy matrix in [0, 1] (NaN cells left blank).
+      title: a heading over all panels ("" for none).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +148,13 @@ def plot_matrices(path: str | os.PathLike, matrices: dict[str, np.ndarray], titl
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    """Write a matplotlib figure atomically (temp file + rename) and close it."""
+    """Write a matplotlib figure atomically (temp file + rename) and close it.
+
+    Args:
+      fig: the matplotlib figure (closed afterwards).
+      path: the image file to write.
+      dpi: its resolution in dots per inch.
+    """
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

@@ -76,7 +76,8 @@ class SubnetEvaluator:
       apply_fn: the student's apply (``(variables, x, task, train, with_features)``).
       task_count: sub-networks (tasks) of the owner map.
       block_size: classes per task block.
-      mean, std: input standardisation.
+      mean: per-channel mean of the input standardisation (``batching.to_float``).
+      std: per-channel standard deviation of it.
       kinds: leaf kinds of the parameters (``entropy_grad``'s superposition).
       batch_size: examples per compiled batch (the splits' ``Placed.batch_size`` caps it).
       strategy: ``"map"`` computes the wanted sub-networks one after another (skipping the rest), ``"vmap"``
@@ -308,7 +309,17 @@ class SubnetEvaluator:
     def accuracies(self, args: tuple, placed: Placed, seen: int, rules: tuple[str, ...] = (),
                    in_use: tuple[str, ...] = (), tau=1.0, task_ids: Iterable[int] | None = None) -> dict:
         """``{rule: accuracy per split}`` (``til``, ``cil_<rule>`` / ``task_id_<rule>`` of ``rules``, ``cil`` /
-        ``task_id`` of the rule in use); NaN for an empty split. Arguments as ``counts``."""
+        ``task_id`` of the rule in use); NaN for an empty split.
+
+        Args:
+          args: ``(params, batch_stats, owner, inference)``.
+          placed: the splits (``evaluation.place``), resident on the device.
+          seen: tasks learnt so far (the class-incremental rules choose among them).
+          rules: rules whose ``cil_<rule>`` / ``task_id_<rule>`` accuracies are returned.
+          in_use: the candidate rules; ``cil`` / ``task_id`` are those of ``in_use[inference["rule"]]``.
+          tau: the inference temperature (``max_prob``, ``entropy``, ``top2_entropy``).
+          task_ids: the task of each split (default ``0, 1, ...``).
+        """
         per_split = self.counts(args, placed, seen, rules, in_use, tau, task_ids)
         names = next((tuple(c) for c, _ in per_split if c is not None), ())
         return {r: np.asarray([c[r] / n if n else np.nan for c, n in per_split], float) for r in names}
@@ -316,7 +327,14 @@ class SubnetEvaluator:
     def choose_tau(self, args: tuple, placed: Placed, seen: int, grid: Iterable[float]
                    ) -> tuple[float, dict[float, float]]:
         """The inference temperature of ``grid`` with the best max-probability CIL on ``placed`` (validation):
-        ``(tau, {tau: accuracy})`` (``best_tau``)."""
+        ``(tau, {tau: accuracy})`` (``best_tau``).
+
+        Args:
+          args: ``(params, batch_stats, owner, inference)``.
+          placed: the validation splits (``evaluation.place``), of tasks ``0, 1, ...``; not all empty.
+          seen: tasks learnt so far (the max-probability rule chooses among them).
+          grid: the candidate temperatures.
+        """
         grid = tuple(float(t) for t in grid)
         per_split = self.counts(args, placed, seen, taus=grid)
         examples = sum(n for _, n in per_split)

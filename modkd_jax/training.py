@@ -66,7 +66,12 @@ def make_optimizer(name: str, lr: float | Mapping[str, float | None], weight_dec
 
 
 def set_learning_rate(opt_state, lr: float):
-    """The same optimizer state with its injected learning rate replaced."""
+    """The same optimizer state with its injected learning rate replaced.
+
+    Args:
+      opt_state: a state of ``make_optimizer`` with one injected learning rate (``inject=True``).
+      lr: the new learning rate.
+    """
     hp = dict(opt_state.hyperparams)
     hp["learning_rate"] = jnp.asarray(lr, jnp.asarray(hp["learning_rate"]).dtype)
     return opt_state._replace(hyperparams=hp)
@@ -74,13 +79,26 @@ def set_learning_rate(opt_state, lr: float):
 
 def step_lr(base_lr: float, epoch: int, epochs: int, milestones: float | tuple[float, ...]) -> float:
     """``base_lr`` halved once per milestone reached: from epoch ``round(m * epochs)`` on for each fraction ``m``
-    of ``milestones`` (one fraction or several; PyTorch's MultiStepLR with gamma 0.5, the MIND reference's)."""
+    of ``milestones`` (one fraction or several; PyTorch's MultiStepLR with gamma 0.5, the MIND reference's).
+
+    Args:
+      base_lr: the phase's learning rate.
+      epoch: the current epoch, from 0.
+      epochs: the phase's number of epochs.
+      milestones: the fractions of ``epochs`` where the rate halves (one, or several; ``()``: constant).
+    """
     fractions = (milestones,) if isinstance(milestones, (int, float)) else tuple(milestones)
     return base_lr * 0.5 ** sum(epoch >= round(m * epochs) for m in fractions)
 
 
 def block(logits: jax.Array, task, size: int) -> jax.Array:
-    """The class block of ``task`` (classes of other tasks never enter a loss)."""
+    """The class block of ``task`` (classes of other tasks never enter a loss).
+
+    Args:
+      logits: ``[..., task_count * size]`` logits over every task's classes.
+      task: the task index (may be traced).
+      size: the classes per task.
+    """
     return jax.lax.dynamic_slice_in_dim(logits, task * size, size, axis=-1)
 
 
@@ -135,7 +153,13 @@ def augmenting(mean, std, crop_flip: bool = False, brightness: float = 0.0,
                teacher: Callable | None = None, pad: int = 4) -> PrepareFn:
     """A ``prepare`` for ``make_step``: augment and standardise ``batch.x``; ``teacher(ctx, x)`` logits if given.
 
-    The teacher's logits are computed outside the gradient (stop-gradient).
+    Args:
+      mean: per-channel mean of the standardisation (``batching.to_float``).
+      std: per-channel standard deviation of it.
+      crop_flip: random crop (zero padding ``pad``) and horizontal flip.
+      brightness: the largest random brightness change (0: none).
+      teacher: ``teacher(ctx, x) -> logits`` on the prepared inputs, outside the gradient (stop-gradient).
+      pad: the crop's padding in pixels.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
@@ -194,8 +218,11 @@ class DeviceSplit:
 def place_split(split, capacity: int | None = None, mesh=None) -> DeviceSplit:
     """``split`` on the device once, zero-padded to ``capacity`` rows (default: its own size).
 
-    With a ``mesh`` (a data-parallel step) the rows are replicated on every device; each device gathers its
-    share of every batch inside the compiled step.
+    Args:
+      split: a host split with ``x`` and ``y`` arrays.
+      capacity: the rows to pad to (at least ``len(split.y)``; None: no padding).
+      mesh: a data-parallel step's mesh: the rows are replicated on every device, each gathers its share of
+        every batch inside the compiled step (None: the default device).
     """
     n = len(split.y)
     capacity = n if capacity is None else capacity
@@ -213,7 +240,11 @@ def place_split(split, capacity: int | None = None, mesh=None) -> DeviceSplit:
 def epoch_order(key: jax.Array, n: jax.Array, capacity: int, length: int) -> jax.Array:
     """One epoch's row order: a random permutation of the first ``n`` of ``capacity`` rows, padded to ``length``.
 
-    With ``n == capacity`` it is ``jax.random.permutation(key, n)``; the shape never depends on ``n``.
+    Args:
+      key: the epoch's key (with ``n == capacity`` the order is ``jax.random.permutation(key, n)``).
+      n: the real rows, first in the order (traced: the shape never depends on it).
+      capacity: the split's rows, real and padding (static).
+      length: the order's length, at least ``capacity`` (static; padded with row 0).
     """
     perm = jax.random.permutation(key, capacity)
     perm = perm[jnp.argsort(perm >= n, stable=True)]  # real rows first, in permuted order
@@ -226,9 +257,11 @@ LOOPS = ("auto", "epoch", "step")
 def loop_for(loop: str, convolves: bool = True) -> str:
     """The dispatch granularity of ``run_phase``: ``"epoch"`` (one compiled call per epoch) or ``"step"``.
 
-    ``"auto"`` is ``"epoch"`` except for a step with convolutions on XLA:CPU (``convolves``), which ran 13-19x
-    slower inside a compiled loop than on its own (ResNet-32, ``benchmarks/accelerator.py``); there each step
-    is one compiled call. A dense step runs as fast or faster inside the loop (``benchmarks/hot_paths.py``).
+    Args:
+      loop: ``"epoch"``, ``"step"`` or ``"auto"``: ``"epoch"`` except for a step with convolutions on XLA:CPU, which
+        ran 13-19x slower inside a compiled loop than on its own (ResNet-32, ``benchmarks/accelerator.py``); there
+        each step is one compiled call. A dense step runs as fast or faster in the loop (``benchmarks/hot_paths.py``).
+      convolves: whether the step holds a convolution (``"auto"`` only).
     """
     if loop not in LOOPS:
         raise ValueError(f"unknown training loop {loop!r}; expected one of {', '.join(LOOPS)}")
@@ -302,13 +335,20 @@ def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *
               log: Callable[[dict], None] | None = None, progress: bool = False, loop: str = "auto"):
     """Train ``phase.epochs`` epochs of ``split`` with ``step`` (``make_step``); returns the final carry.
 
-    ``split`` is a ``DeviceSplit`` (``place_split``: on the device, a fixed capacity) or a host ``Split``
-    (placed here once). Each epoch is one compiled call, or each step is (``loop``, see ``loop_for``); steps
-    gather their batches on the device (``_epoch_step``); batches have one fixed size, a multiple of a data-parallel step's devices. With
-    ``phase.drop_last=False`` the last partial batch is padded and its ``valid`` rows reach the loss
-    (``Inputs.valid``), so every example is used and no shape changes between tasks. Calls ``log`` once per
-    epoch with the mean loss, accuracy and learning rate (batch means, each batch weighted alike): one fetch
-    per epoch, made once the next epoch is queued (the device never waits for the host).
+    Args:
+      step: ``make_step``'s train step, or a ``parallel.DataParallel`` of one (batch size: a multiple of its devices).
+      carry: ``(params, batch_stats, opt_state)``; the learning rate is set each epoch (``step_lr``).
+      split: a ``DeviceSplit`` (``place_split``: on the device, a fixed capacity) or a host ``Split`` (placed here);
+        steps gather their batches, all of one size, on the device (``_epoch_step``).
+      ctx: the method's context, passed to every step.
+      phase: epochs, batch size and learning rate; with ``drop_last=False`` the last partial batch is padded and
+        its ``valid`` rows reach the loss (``Inputs.valid``): every example is used, no shape changes between tasks.
+      key: the phase's random key (row order and the step's key).
+      desc: the progress bar's label, also named in errors.
+      log: called once per epoch with the mean loss, accuracy and learning rate (batch means, each batch weighted
+        alike), fetched once the next epoch is queued (the device never waits for the host).
+      progress: show a progress bar over the epochs.
+      loop: one compiled call per epoch or per step (``"epoch"``, ``"step"``, ``"auto"``: see ``loop_for``).
     """
     mesh = step.mesh if isinstance(step, parallel.DataParallel) else None
     data = split if isinstance(split, DeviceSplit) else place_split(split, mesh=mesh)
@@ -361,9 +401,14 @@ def run_phase(step: Callable, carry, split, ctx, phase: Phase, key: jax.Array, *
 def make_fisher(apply_fn: Callable, block_size: int, mean, std, seen_classes: bool = False):
     """``fisher(variables, x, y, valid, task)``: per leaf, sum over valid examples of (d log p(y|x) / dw)^2; jitted.
 
-    p is the softmax over the task's class block, or over every class up to and including
-    the task's block (``seen_classes``: one head over all tasks seen so far); labels are
-    task-local; per-example gradients by vmap.
+    p is the softmax over the task's class block; labels are task-local; per-example gradients by vmap.
+
+    Args:
+      apply_fn: the model's ``apply(variables, x, task, train=False) -> logits``.
+      block_size: the classes per task.
+      mean: per-channel mean of ``batching.to_float`` (``x`` comes as uint8).
+      std: per-channel standard deviation of it.
+      seen_classes: p over every class up to and including the task's block (one head over all tasks seen so far).
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
 
@@ -388,7 +433,13 @@ def make_fisher(apply_fn: Callable, block_size: int, mean, std, seen_classes: bo
 def fisher_diagonal(fisher, variables: PyTree, split, task: int, samples: int = 1024, batch_size: int = 128) -> PyTree:
     """Diagonal empirical Fisher (a mean) of ``task`` on the first ``samples`` examples of ``split``.
 
-    ``fisher`` comes from ``make_fisher``.
+    Args:
+      fisher: the function of ``make_fisher``.
+      variables: ``{"params", "batch_stats"}`` of the model.
+      split: the task's training split (``x`` uint8, ``y`` task-local labels).
+      task: the task index.
+      samples: at most this many examples, the first of ``split``.
+      batch_size: examples per call of ``fisher``.
     """
     n = min(samples, len(split.y))
     total = None

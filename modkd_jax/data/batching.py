@@ -12,7 +12,13 @@ import numpy as np
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Number of batches one pass over `n` examples yields."""
+    """Number of batches one pass over `n` examples yields.
+
+    Args:
+      n: the examples.
+      batch_size: examples per batch, at least 1.
+      drop_remainder: leave out the last partial batch.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
@@ -37,7 +43,16 @@ def _on_device(x, y, extra: Sequence) -> tuple[jax.Array, ...]:
 def epoch_batches(
     x, y, batch_size: int, key: jax.Array, *, drop_remainder: bool = False, extra: Sequence = ()
 ) -> Iterator[tuple[jax.Array, ...]]:
-    """One shuffled epoch of (x, y, *extra) device batches; the order comes from `key`."""
+    """One shuffled epoch of (x, y, *extra) device batches; the order comes from `key`.
+
+    Args:
+      x: the split's inputs ``[n, ...]`` (host or device).
+      y: its labels ``[n]``.
+      batch_size: examples per batch.
+      key: the PRNG key of the permutation.
+      drop_remainder: leave out the last partial batch.
+      extra: more arrays of ``n`` rows, batched alike.
+    """
     count = num_batches(len(x), batch_size, drop_remainder)
     arrays = _on_device(x, y, extra)
     perm = jax.random.permutation(key, len(x))
@@ -46,7 +61,14 @@ def epoch_batches(
 
 
 def eval_batches(x, y, batch_size: int, *, extra: Sequence = ()) -> Iterator[tuple[jax.Array, ...]]:
-    """Unshuffled (x, y, *extra) device batches covering the split, last short batch kept."""
+    """Unshuffled (x, y, *extra) device batches covering the split, last short batch kept.
+
+    Args:
+      x: the split's inputs ``[n, ...]`` (host or device).
+      y: its labels ``[n]``.
+      batch_size: examples per batch.
+      extra: more arrays of ``n`` rows, batched alike.
+    """
     count = num_batches(len(x), batch_size, False)
     arrays = _on_device(x, y, extra)
     for b in range(count):
@@ -54,7 +76,13 @@ def eval_batches(x, y, batch_size: int, *, extra: Sequence = ()) -> Iterator[tup
 
 
 def to_float(x_uint8: jax.Array, mean, std) -> jax.Array:
-    """Map uint8 pixels to standardised float32: (x/255 - mean)/std, mean/std per channel."""
+    """Map uint8 pixels to standardised float32: (x/255 - mean)/std, mean/std per channel.
+
+    Args:
+      x_uint8: uint8 images, channels last.
+      mean: per-channel mean, of pixels in [0, 1].
+      std: per-channel standard deviation, of pixels in [0, 1].
+    """
     return _standardize(x_uint8.astype(jnp.float32) / 255.0, mean, std)
 
 
@@ -65,7 +93,14 @@ def _standardize(x01: jax.Array, mean, std) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("pad", "flip"))
 def random_crop_flip(key: jax.Array, x_uint8: jax.Array, pad: int = 4, flip: bool = True) -> jax.Array:
-    """Per-example random crop of the zero-padded NHWC batch and random horizontal flip (uint8 in/out)."""
+    """Per-example random crop of the zero-padded NHWC batch and random horizontal flip (uint8 in/out).
+
+    Args:
+      key: the PRNG key.
+      x_uint8: uint8 images ``[N, H, W, C]``.
+      pad: zero padding on each side before the crop (static).
+      flip: also flip each image horizontally with probability 1/2 (static).
+    """
     n, h, w, c = x_uint8.shape
     k_crop, k_flip = jax.random.split(key)
     padded = jnp.pad(x_uint8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -80,8 +115,12 @@ def random_crop_flip(key: jax.Array, x_uint8: jax.Array, pad: int = 4, flip: boo
 def random_brightness(key: jax.Array, x01: jax.Array, max_delta: float) -> jax.Array:
     """Per-example brightness jitter of images in [0, 1]: scaled by U[max(0, 1 - d), 1 + d], clipped to [0, 1].
 
-    torchvision's ``ColorJitter(brightness=d)`` (the MIND reference uses d = 63/255),
-    computed in float32 without its rounding to uint8.
+    torchvision's ``ColorJitter(brightness=d)``, computed in float32 without its rounding to uint8.
+
+    Args:
+      key: the PRNG key.
+      x01: float images in [0, 1], one per row of the leading axis.
+      max_delta: d (the MIND reference uses d = 63/255).
     """
     factor = jax.random.uniform(key, (x01.shape[0],) + (1,) * (x01.ndim - 1),
                                 minval=max(0.0, 1.0 - max_delta), maxval=1.0 + max_delta)
@@ -91,7 +130,17 @@ def random_brightness(key: jax.Array, x01: jax.Array, max_delta: float) -> jax.A
 @functools.partial(jax.jit, static_argnames=("crop_flip", "pad", "brightness"))
 def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad: int = 4,
             brightness: float = 0.0) -> jax.Array:
-    """Training-time input pipeline: optional crop+flip, optional brightness jitter, then standardise to float32."""
+    """Training-time input pipeline: optional crop+flip, optional brightness jitter, then standardise to float32.
+
+    Args:
+      key: the PRNG key (crop and flip; brightness from ``fold_in(key, 1)``).
+      x_uint8: uint8 images ``[N, H, W, C]``.
+      mean: per-channel mean of the standardisation (``to_float``).
+      std: per-channel standard deviation of it.
+      crop_flip: random crop and horizontal flip (``random_crop_flip``; static).
+      pad: the crop's zero padding (static).
+      brightness: the brightness jitter's ``max_delta`` (0: none; static).
+    """
     if crop_flip:
         x_uint8 = random_crop_flip(key, x_uint8, pad=pad)
     if brightness <= 0.0:
@@ -101,7 +150,13 @@ def augment(key: jax.Array, x_uint8: jax.Array, mean, std, crop_flip: bool, pad:
 
 
 def pad_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Fixed-size batches ``(x, y, valid)`` over a split, the last one zero-padded (no recompiles)."""
+    """Fixed-size batches ``(x, y, valid)`` over a split, the last one zero-padded (no recompiles).
+
+    Args:
+      x: the split's inputs ``[n, ...]``.
+      y: its labels ``[n]``.
+      batch_size: rows per batch; ``valid`` marks the real ones.
+    """
     for start in range(0, len(y), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         pad = batch_size - len(yb)

@@ -98,7 +98,13 @@ def _check_task_count(task_count: int, limit: int | None = None) -> None:
 def stratified_holdout(
     y: np.ndarray, val_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions 0..len(y)-1 into sorted (train, val) with round(val_fraction*n_c) per class."""
+    """Split positions 0..len(y)-1 into sorted (train, val) with round(val_fraction*n_c) per class.
+
+    Args:
+      y: the labels, one per position.
+      val_fraction: the share of each class held out for validation.
+      rng: draws which members of each class are held out.
+    """
     val_parts = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
@@ -153,7 +159,15 @@ def _norm(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 def class_split(
     ds: Dataset, task_count: int, seed: int = 0, val_fraction: float = 0.1, shuffle_classes: bool = True
 ) -> Scenario:
-    """Class-incremental split: the classes, in an order drawn from `seed`, cut into equal tasks."""
+    """Class-incremental split: the classes, in an order drawn from `seed`, cut into equal tasks.
+
+    Args:
+      ds: the dataset.
+      task_count: the number of tasks; it must divide the dataset's classes.
+      seed: the seed of the class order and of the validation holdout.
+      val_fraction: the share of each class's training data held out for validation, in [0, 1).
+      shuffle_classes: draw the class order; False keeps ``0, 1, ...``.
+    """
     _check_task_count(task_count, ds.num_classes)
     _check_val_fraction(val_fraction)
     if ds.num_classes % task_count:
@@ -176,13 +190,24 @@ def class_split(
 
 
 def pixel_permutations(shape: tuple[int, int, int], task_count: int, seed: int) -> list[np.ndarray]:
-    """One fixed permutation of the H*W pixel positions per task, reproducible from `seed`."""
+    """One fixed permutation of the H*W pixel positions per task, reproducible from `seed`.
+
+    Args:
+      shape: the images' ``(H, W, C)``.
+      task_count: the number of permutations.
+      seed: the seed they are drawn from (with each task id).
+    """
     h, w, _ = shape
     return [_task_rng(seed, t, 1).permutation(h * w) for t in range(task_count)]
 
 
 def permute_pixels(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """Reorder the H*W pixel positions of NHWC images by `perm` (all channels alike)."""
+    """Reorder the H*W pixel positions of NHWC images by `perm` (all channels alike).
+
+    Args:
+      x: images ``[N, H, W, C]``.
+      perm: a permutation of ``range(H * W)`` (``pixel_permutations``).
+    """
     n, h, w, c = x.shape
     return x.reshape(n, h * w, c)[:, perm, :].reshape(n, h, w, c)
 
@@ -190,8 +215,12 @@ def permute_pixels(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
 def permuted(ds: Dataset, task_count: int, seed: int = 0, val_fraction: float = 0.1) -> Scenario:
     """Permuted-pixel domain-incremental tasks with all classes each.
 
-    Convention: every task, task 0 included, uses its own pixel permutation
-    drawn from (seed, task id); none is the identity on purpose.
+    Args:
+      ds: the dataset.
+      task_count: the number of tasks. Every task, task 0 included, uses its own pixel permutation drawn from
+        (seed, task id); none is the identity on purpose.
+      seed: the seed of the permutations and of the validation holdout.
+      val_fraction: the share of each class's training data held out for validation, in [0, 1).
     """
     _check_task_count(task_count)
     _check_val_fraction(val_fraction)
@@ -210,7 +239,12 @@ def permuted(ds: Dataset, task_count: int, seed: int = 0, val_fraction: float = 
 
 
 def rotate_images(x: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate uint8 NHWC images by `angle` degrees about their centre (bilinear, zero fill)."""
+    """Rotate uint8 NHWC images by `angle` degrees about their centre (bilinear, zero fill).
+
+    Args:
+      x: uint8 images ``[N, H, W, C]``.
+      angle: degrees, counter-clockwise (a multiple of 360 returns a copy).
+    """
     if float(angle) % 360.0 == 0.0:
         return x.copy()
     from scipy import ndimage
@@ -224,14 +258,27 @@ def rotate_images(x: np.ndarray, angle: float) -> np.ndarray:
 
 
 def rotation_angles(task_count: int, max_angle: float = 180.0) -> np.ndarray:
-    """Task angles evenly spaced in [0, max_angle): task 0 is unrotated."""
+    """Task angles evenly spaced in [0, max_angle): task 0 is unrotated.
+
+    Args:
+      task_count: the number of tasks.
+      max_angle: the end of the range in degrees (excluded).
+    """
     return np.linspace(0.0, max_angle, task_count, endpoint=False)
 
 
 def rotated(
     ds: Dataset, task_count: int, seed: int = 0, val_fraction: float = 0.1, max_angle: float = 180.0
 ) -> Scenario:
-    """Rotated domain-incremental tasks with all classes each; task t turned by rotation_angles[t]."""
+    """Rotated domain-incremental tasks with all classes each; task t turned by rotation_angles[t].
+
+    Args:
+      ds: the dataset.
+      task_count: the number of tasks.
+      seed: the seed of the validation holdout.
+      val_fraction: the share of each class's training data held out for validation, in [0, 1).
+      max_angle: the angles are spaced over [0, max_angle) degrees.
+    """
     _check_task_count(task_count)
     _check_val_fraction(val_fraction)
     classes = np.arange(ds.num_classes)
@@ -249,7 +296,12 @@ def rotated(
 
 
 def resize_images(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resize uint8 NHWC images to `shape` (H, W, C): bilinear, gray->RGB replicated, RGB->gray luma."""
+    """Resize uint8 NHWC images to `shape` (H, W, C): bilinear, gray->RGB replicated, RGB->gray luma.
+
+    Args:
+      x: uint8 images ``[N, H, W, C]`` with 1 or 3 channels.
+      shape: the target ``(H, W, C)``.
+    """
     n, h, w, c = x.shape
     th, tw, tc = shape
     if c != tc and not (c == 1 and tc == 3) and not (c == 3 and tc == 1):
@@ -278,6 +330,12 @@ def dataset_sequence(
 
     Normalisation rule: mean = std = 0.5 per channel, i.e. inputs in [-1, 1],
     since no single dataset's statistics fit the mixture.
+
+    Args:
+      datasets: the datasets, in task order (at least one).
+      shape: every task's image shape ``(H, W, C)``.
+      seed: the seed of the validation holdout.
+      val_fraction: the share of each class's training data held out for validation, in [0, 1).
     """
     if not datasets:
         raise ValueError("dataset_sequence needs at least one dataset")
@@ -301,7 +359,13 @@ def dataset_sequence(
 def merged_stream(
     scenario: Scenario, batch_size: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One pass over all tasks' training examples pooled and shuffled: (x, y_local, task_id) batches."""
+    """One pass over all tasks' training examples pooled and shuffled: (x, y_local, task_id) batches.
+
+    Args:
+      scenario: the scenario whose training splits are pooled.
+      batch_size: examples per batch (the last may be smaller).
+      seed: the seed of the shuffle.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     sizes = [len(t.train) for t in scenario.tasks]
@@ -324,7 +388,15 @@ def merged_stream(
 def build(
     name: str, ds_or_list: Dataset | Sequence[Dataset], task_count: int | None, seed: int = 0, **kwargs
 ) -> Scenario:
-    """Build a scenario by name for the CLIs: class_split, permuted, rotated or dataset_sequence."""
+    """Build a scenario by name for the CLIs: class_split, permuted, rotated or dataset_sequence.
+
+    Args:
+      name: one of ``SCENARIOS``.
+      ds_or_list: one dataset, or (``dataset_sequence``) a list of them.
+      task_count: the number of tasks (``dataset_sequence``: None or the number of datasets).
+      seed: the scenario's seed.
+      **kwargs: passed on to the scenario's function (e.g. ``val_fraction``, ``max_angle``, ``shape``).
+    """
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
     if name == "dataset_sequence":

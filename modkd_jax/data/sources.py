@@ -91,7 +91,12 @@ def resolve_tfds_dir(tfds_dir: str | os.PathLike | None = None) -> Path:
 def resolve_manual_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """Folder holding `name`'s archives: argument, else $MODKD_DATA_DIR, else ../shared/data.
 
-    The folder may be the dataset's own folder or a parent holding `<name>/`.
+    Args:
+      name: the dataset's name.
+      data_dir: the folder given; it may be the dataset's own folder or a parent holding `<name>/`.
+
+    Returns:
+      The folder, or None when nothing is given and ../shared/data does not exist.
     """
     chosen = data_dir or os.environ.get("MODKD_DATA_DIR")
     if not chosen:
@@ -277,7 +282,17 @@ def _load_cached(name: str, manual_dir: Path | None, tfds_dir: Path) -> Dataset:
 
 
 def load(name: str, data_dir: str | None = None, tfds_dir: str | None = None) -> Dataset:
-    """Load a dataset by name into memory (cached per process), building it offline when possible."""
+    """Load a dataset by name into memory (cached per process), building it offline when possible.
+
+    Args:
+      name: one of ``DATASETS``.
+      data_dir: the folder of the official archives (``resolve_manual_dir``); when given (or
+        ``$MODKD_DATA_DIR``) it must hold them all, even if a prepared copy exists.
+      tfds_dir: the folder of TFDS prepared data (``resolve_tfds_dir``).
+
+    Raises:
+      DataUnavailableError: the dataset is neither prepared nor obtainable.
+    """
     _check_name(name)
     if name == "digits":
         return _load_cached(name, None, Path())

@@ -231,7 +231,14 @@ def make_head_counts(apply_fn: Callable, block_size: int, mean, std):
 
 
 def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Baseline:
-    """Network, compiled step and counts function for ``cfg`` on ``scenario``; data-parallel over ``mesh``."""
+    """Network, compiled step and counts function for ``cfg`` on ``scenario``; data-parallel over ``mesh``.
+
+    Args:
+      cfg: the run's hyperparameters (``method`` picks the baseline).
+      scenario: the tasks, all with equally many classes.
+      mesh: the data-parallel mesh (``parallel.make_mesh``; ``cfg.batch_size`` a multiple of its ``data`` axis),
+        or None for one device.
+    """
     k = block_size_of(scenario)
     check_batch_split(cfg.batch_size, mesh)
     T = scenario.task_count
@@ -383,7 +390,13 @@ def evaluate(b: Baseline, state: PyTree, splits, seen: int, task_ids=None) -> di
 
 
 def learner(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
-    """A baseline (fine-tuning, joint, PackNet, LwF, EWC) as a ``Learner``; data-parallel over ``mesh`` if given."""
+    """A baseline (fine-tuning, joint, PackNet, LwF, EWC) as a ``Learner``; data-parallel over ``mesh`` if given.
+
+    Args:
+      cfg: the run's hyperparameters (``method`` picks the baseline).
+      scenario: the tasks (see ``setup``).
+      mesh: the data-parallel mesh, or None for one device.
+    """
     b = setup(cfg, scenario, mesh)
     placed = functools.cache(lambda: evaluation.place([task.test for task in scenario.tasks], cfg.eval_batch_size,
                                                       mesh))

@@ -124,7 +124,12 @@ PRESETS = {
 
 
 def preset_config(dataset: str, **overrides) -> ExpertsConfig:
-    """The ExpertsConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
+    """The ExpertsConfig of a dataset's preset (``PRESETS``), with ``overrides``.
+
+    Args:
+      dataset: a key of ``PRESETS``.
+      **overrides: ``ExpertsConfig`` fields that replace the preset's.
+    """
     return from_preset(ExpertsConfig, PRESETS[dataset], **overrides)
 
 
@@ -255,7 +260,12 @@ class Experts:
 
 
 def setup(cfg: ExpertsConfig, scenario: Scenario) -> Experts:
-    """Expert network, compiled steps and counts functions for ``cfg`` on ``scenario``."""
+    """Expert network, compiled steps and counts functions for ``cfg`` on ``scenario``.
+
+    Args:
+      cfg: the run's hyperparameters.
+      scenario: the tasks, all with equally many classes.
+    """
     k, T = block_size_of(scenario), scenario.task_count
     cfg.inference.check(INFERENCE, all(len(task.val.y) for task in scenario.tasks))
     model = models.build("mlp", k * T, T, hidden=tuple(cfg.hidden))
@@ -419,7 +429,12 @@ def describe(info: dict) -> str:
 
 
 def learner(cfg: ExpertsConfig, scenario: Scenario) -> Learner:
-    """The expert pool as a ``Learner`` (rules ``RULES``; ``report`` gives FLOPs, membership, routing counts)."""
+    """The expert pool as a ``Learner`` (rules ``RULES``; ``report`` gives FLOPs, membership, routing counts).
+
+    Args:
+      cfg: the run's hyperparameters.
+      scenario: the tasks, all with equally many classes.
+    """
     ex = setup(cfg, scenario)
     tests = [task.test for task in scenario.tasks]
     return Learner(

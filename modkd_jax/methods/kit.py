@@ -21,20 +21,36 @@ PyTree = Any
 
 def build(cfg, num_outputs: int, num_tasks: int):
     """The network ``cfg.arch`` (an MLP of widths ``cfg.hidden``) with ``num_outputs`` outputs and ``num_tasks`` rows
-    of per-task batch norm (``models.build``)."""
+    of per-task batch norm (``models.build``).
+
+    Args:
+      cfg: a method config with ``arch`` and ``hidden`` (``hidden`` read for ``"mlp"`` only).
+      num_outputs: the classifier's outputs (every task's class block).
+      num_tasks: the rows of per-task batch norm.
+    """
     kwargs = {"hidden": tuple(cfg.hidden)} if cfg.arch == "mlp" else {}
     return models.build(cfg.arch, num_outputs, num_tasks, **kwargs)
 
 
 def check_batch_split(batch_size: int, mesh: Mesh | None) -> None:
-    """A ValueError unless ``batch_size`` splits evenly over the ``data`` axis of ``mesh`` (no mesh: no check)."""
+    """A ValueError unless ``batch_size`` splits evenly over the ``data`` axis of ``mesh`` (no mesh: no check).
+
+    Args:
+      batch_size: the training batch.
+      mesh: the data-parallel mesh, or None.
+    """
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"batch size {batch_size} does not split over {mesh.shape['data']} devices; "
                          f"use a multiple of {mesh.shape['data']}")
 
 
 def norm_of(scenario: Scenario, dtype=None) -> tuple:
-    """``(mean, std)`` of the scenario's input standardisation: tuples of floats, or float arrays of ``dtype``."""
+    """``(mean, std)`` of the scenario's input standardisation: tuples of floats, or float arrays of ``dtype``.
+
+    Args:
+      scenario: the scenario (its ``norm``).
+      dtype: the arrays' dtype; None: tuples of Python floats.
+    """
     mean, std = (tuple(float(v) for v in a) for a in scenario.norm)
     if dtype is None:
         return mean, std
@@ -60,7 +76,18 @@ class Context(NamedTuple):
 
 def make_loss(apply_fn: Callable, block_size: int, kind: str = "ce", beta: float = 0.0,
               temperature: float = 1.0) -> Callable:
-    """CE on the task's class block, plus ``beta * losses.distillation(kind, ..., temperature)`` unless ``kind='ce'``."""
+    """CE on the task's class block, plus ``beta * losses.distillation(kind, ..., temperature)`` unless ``kind='ce'``.
+
+    Args:
+      apply_fn: the model's ``apply(variables, x, task, train=True, mutable=["batch_stats"])``.
+      block_size: the classes per task (labels are task-local).
+      kind: ``"ce"`` (no distillation) or a ``losses.DISTILL_LOSSES`` kind against ``inputs.teacher``.
+      beta: the distillation term's weight.
+      temperature: the distillation temperature.
+
+    Returns:
+      A ``training.LossFn`` over a ``Context``; its metrics are ``ce``, ``distill`` and ``acc``.
+    """
 
     def loss_fn(params, batch_stats, inputs: training.Inputs, ctx: Context):
         valid = inputs.valid  # a padded batch: only its real rows count, in the loss and the batch statistics
@@ -81,8 +108,23 @@ def train_phase(step: Callable, tx, params: PyTree, batch_stats: PyTree, split, 
                 progress: bool = False, desc: str | None = None):
     """One training phase (``training.run_phase``) of task ``task`` from a fresh optimizer state of ``tx``.
 
-    Log records are tagged with the task and the phase's ``name``. Returns the
-    carry ``(params, batch_stats, opt_state)``.
+    Args:
+      step: the train step (``training.make_step`` with ``tx``).
+      tx: the optimizer; its state starts afresh from ``params``.
+      params: the starting parameters.
+      batch_stats: the starting batch statistics.
+      split: the task's training split (a ``training.DeviceSplit`` or a host ``Split``).
+      ctx: the step's context (a ``Context``).
+      phase: epochs, batch size and learning rate.
+      key: the phase's PRNG key.
+      task: the task, tagged on log records and named in the progress bar.
+      name: the phase's name, tagged on log records.
+      log: receives the tagged per-epoch records (None: none).
+      progress: show a progress bar.
+      desc: the progress bar's label (None: ``"task <task> <name>"``).
+
+    Returns:
+      The carry ``(params, batch_stats, opt_state)``.
     """
     tagged = None if log is None else (lambda m: log({"task": task, "phase": name, **m}))
     carry = (params, batch_stats, tx.init(params))
@@ -91,7 +133,14 @@ def train_phase(step: Callable, tx, params: PyTree, batch_stats: PyTree, split, 
 
 
 def subnet_inference_stats(ti: task_inference.InferenceConfig, model, scenario: Scenario, block_size: int) -> PyTree:
-    """Task-inference statistics before any task of an owner map's sub-networks (MIND, PackNet)."""
+    """Task-inference statistics before any task of an owner map's sub-networks (MIND, PackNet).
+
+    Args:
+      ti: the task-inference settings.
+      model: the network (``models.feature_dim`` reads its features' width).
+      scenario: the tasks (count, input shape).
+      block_size: the classes per task.
+    """
     return task_inference.init_stats(ti, ti.candidates(task_inference.SUBNET_RULES), scenario.task_count, block_size,
                                      int(np.prod(scenario.input_shape)), models.feature_dim(model, scenario.input_shape),
                                      fitted=ti.fitted(task_inference.SUBNET_RULES))
@@ -101,7 +150,17 @@ def subnet_accuracies(subnets, ti: task_inference.InferenceConfig, state: PyTree
                       batch_size: int, task_ids=None) -> dict[str, np.ndarray]:
     """Accuracy per rule of an owner map's sub-networks (``SubnetEvaluator``) on ``splits`` of ``task_ids``.
 
-    til; cil and task_id of the rule in use and of every reported rule, read at inference temperature ``tau``.
+    til; cil and task_id of the rule in use and of every reported rule.
+
+    Args:
+      subnets: the method's ``subnet_eval.SubnetEvaluator``.
+      ti: the task-inference settings (candidate and reported rules).
+      state: the method's state: ``params``, ``batch_stats``, ``owner``, ``inference``.
+      splits: a ``Placed`` or a list of ``Split``s (placed here on the evaluator's mesh).
+      seen: the number of tasks learnt so far.
+      tau: the inference temperature the rules read.
+      batch_size: examples per batch (for placing host splits).
+      task_ids: the task of each split (default ``0, 1, ...``).
     """
     if not isinstance(splits, evaluation.Placed):
         splits = evaluation.place(splits, batch_size, subnets.mesh)

@@ -124,7 +124,12 @@ PRESETS = {
 
 
 def preset_config(dataset: str, **overrides) -> MindConfig:
-    """The MindConfig of a dataset's preset (``PRESETS``), with ``overrides``."""
+    """The MindConfig of a dataset's preset (``PRESETS``), with ``overrides``.
+
+    Args:
+      dataset: a key of ``PRESETS``.
+      **overrides: ``MindConfig`` fields that replace the preset's.
+    """
     return from_preset(MindConfig, PRESETS[dataset], **overrides)
 
 
@@ -156,8 +161,12 @@ class Mind:
 def setup(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Mind:
     """Networks, compiled steps and counts functions for ``cfg`` on ``scenario``.
 
-    With a ``mesh`` (``parallel.make_mesh``) the same steps and evaluators run
-    data-parallel: batches split along ``data``, everything else replicated.
+    Args:
+      cfg: the run's hyperparameters.
+      scenario: the tasks, all with equally many classes (with validation splits where ``cfg`` chooses the
+        temperature or the task-inference rule on them).
+      mesh: a ``parallel.make_mesh`` mesh: the same steps and evaluators run data-parallel, batches split along
+        ``data``, everything else replicated (``cfg.batch_size`` a multiple of its ``data`` axis). None: one device.
     """
     k = block_size_of(scenario)
     check_batch_split(cfg.batch_size, mesh)
@@ -315,7 +324,13 @@ def describe(info: dict) -> str:
 
 
 def learner(cfg: MindConfig, scenario: Scenario, mesh: Mesh | None = None) -> Learner:
-    """MIND (or its self-distillation variant) as a ``Learner``; data-parallel over ``mesh`` if given."""
+    """MIND (or its self-distillation variant) as a ``Learner``; data-parallel over ``mesh`` if given.
+
+    Args:
+      cfg: the run's hyperparameters (``self_distillation`` picks the variant).
+      scenario: the tasks (see ``setup``).
+      mesh: the data-parallel mesh (``parallel.make_mesh``), or None for one device.
+    """
     m = setup(cfg, scenario, mesh=mesh)
     teacher = models.param_count(models.init(m.teacher, jax.random.key(0), scenario.input_shape)[0])
     tests = functools.cache(lambda: evaluation.place([task.test for task in scenario.tasks], cfg.eval_batch_size, mesh))

@@ -127,7 +127,14 @@ class Online:
 
 
 def setup(cfg: OCLConfig, scenario, init: tuple[PyTree, PyTree] | None = None) -> Online:
-    """The split network of ``cfg.split`` on ``scenario`` (every copy from ``init``, or random), steps, counts."""
+    """The split network of ``cfg.split`` on ``scenario`` (every copy from ``init``, or random), steps, counts.
+
+    Args:
+      cfg: the run's settings (budget split, learning rates, stem, evaluation).
+      scenario: the tasks (a ``Scenario``), one class block of the head per task.
+      init: backbone weights, a plain ResNet-18 ``(params, batch_stats)`` (its classifier is ignored);
+        None: a random initialisation.
+    """
     net = _net(cfg, scenario, init, jax.random.key(0))[0]
     tx = make_optimizer(net, cfg.lr_shared, cfg.lr_task, cfg.optimizer, cfg.momentum)
     return Online(cfg, scenario, net, init, tx, {"task": make_train_step(net, tx), "mixed": make_train_step(
@@ -185,6 +192,11 @@ def learner(cfg: OCLConfig, scenario, init: tuple[PyTree, PyTree] | None = None)
 
     ``R[rule][i, j]`` = accuracy on task j after task i; Val1 (right after task i)
     is ``R["til"][i, i]``, Val2 (after all) ``R["til"][-1, i]``.
+
+    Args:
+      cfg: the run's settings (see ``setup``).
+      scenario: the tasks (a ``Scenario``).
+      init: backbone weights ``(params, batch_stats)`` of a plain ResNet-18, or None (random).
     """
     m = setup(cfg, scenario, init)
     return Learner(name="split_backbone", rules=RULES, init_state=lambda key: init_state(m, key),

@@ -15,7 +15,12 @@ from modkd_jax.task_inference.stats import bytes_per_task, fit_task
 
 
 def head(splits, n: int):
-    """The first ``n`` rows of each split (all of them for 0): a ``Placed`` or a list of ``Split``s."""
+    """The first ``n`` rows of each split (all of them for 0): a ``Placed`` or a list of ``Split``s.
+
+    Args:
+      splits: a ``Placed`` (same device buffers, fewer rows) or a list of ``Split``s.
+      n: the rows kept per split (0: all).
+    """
     if isinstance(splits, Placed):
         return splits.head(n)
     return [s if n == 0 else dataclasses.replace(s, x=s.x[:n], y=s.y[:n], y_global=s.y_global[:n]) for s in splits]
@@ -26,8 +31,14 @@ def choose_rule(cfg: InferenceConfig, rules: tuple[str, ...], per_split: Callabl
     """The task-inference rule in use: ``(index into rules, info)``.
 
     A fixed rule is used as configured; ``auto`` takes the rule with the best task identification
-    (``task_id_<rule>``) on ``splits``, the seen tasks' validation splits (never a test split), each cut to its
-    first ``cfg.choice_examples`` rows; ``per_split(splits)`` returns ``[(counts, examples)]`` per split.
+    (``task_id_<rule>``) on ``splits``.
+
+    Args:
+      cfg: the task-inference settings (``task_inference``, ``choice_examples``).
+      rules: the candidate rules.
+      per_split: ``per_split(splits) -> [(counts, examples)]`` per split, counts holding ``task_id_<rule>``.
+      splits: the seen tasks' validation splits (never a test split), each cut here to its first
+        ``cfg.choice_examples`` rows (``head``).
     """
     if cfg.task_inference != "auto":
         return rules.index(cfg.task_inference), {"rule": cfg.task_inference}
@@ -84,7 +95,13 @@ def _fit_subnet_statistics(cfg: InferenceConfig, inference, scenario, t: int, tr
 
 
 def inference_report(inference, rules: tuple[str, ...], infos: list[dict]) -> dict:
-    """results.json's ``task_inference``: the rule in use after each task, its validation evidence, bytes per task."""
+    """results.json's ``task_inference``: the rule in use after each task, its validation evidence, bytes per task.
+
+    Args:
+      inference: the final task-inference statistics (``init_stats``).
+      rules: the candidate rules.
+      infos: the per-task infos, each with the ``task_inference`` info of ``choose_rule``.
+    """
     return {"task_inference": {"rules": list(rules), "rule_in_use": [i["task_inference"]["rule"] for i in infos],
                                "val_task_id": [i["task_inference"].get("val_task_id") for i in infos],
                                "bytes_per_task": bytes_per_task(inference, rules)}}

@@ -94,7 +94,12 @@ class InferenceConfig:
         return tuple(r for r in rules if r in used)
 
     def check(self, rules: tuple[str, ...], has_validation: bool) -> None:
-        """Raise ValueError if the configured rule is not one of the method's, or auto lacks validation data."""
+        """Raise ValueError if the configured rule is not one of the method's, or auto lacks validation data.
+
+        Args:
+          rules: the method's rules.
+          has_validation: whether the scenario holds validation splits (``val_fraction > 0``).
+        """
         if self.task_inference != "auto" and self.task_inference not in rules:
             raise ValueError(f"task inference rule {self.task_inference!r} is not available here; expected 'auto' "
                              f"or one of {', '.join(rules)}")
@@ -111,8 +116,11 @@ def pixels(x_uint8: jax.Array) -> jax.Array:
 def task_score(rule: str, stats: dict, z: jax.Array) -> jax.Array:
     """How much each row of ``z`` (the rule's space) looks like one task under the task's statistics: ``(B,)``.
 
-    Gaussian rules: ``log p(z | task)``, standardised by the task's own spread for ``standardised`` rules;
-    ``prototype``: the best cosine to the task's centroids.
+    Args:
+      rule: a statistics rule. Gaussian rules: ``log p(z | task)``, standardised by the task's own spread for
+        ``standardised`` rules; ``prototype``: the best cosine to the task's centroids.
+      stats: one task's statistics of the rule (Gaussians, or the prototype centroids ``(K, d)``).
+      z: the inputs in the rule's space ``(B, d)``.
     """
     if rule == "prototype":
         return routing.prototype_scores(z, stats, jnp.ones((1, stats.shape[0]), bool))[:, 0]
@@ -123,8 +131,16 @@ def task_score(rule: str, stats: dict, z: jax.Array) -> jax.Array:
 def superpose(params: PyTree, batch_stats: PyTree, owner: PyTree, kinds: PyTree, alpha: jax.Array):
     """Every sub-network of an owner map at once, sub-network t weighted ``alpha[t]`` (SupSup's superposition).
 
-    A weight owned by task o computes in every sub-network t >= o, so it is scaled by
-    ``sum_{t >= o} alpha_t``; per-task rows (batch norm) become their ``alpha``-weighted mix in every row.
+    Args:
+      params: the parameters. A weight owned by task o computes in every sub-network t >= o, so it is scaled by
+        ``sum_{t >= o} alpha_t``; per-task rows become their ``alpha``-weighted mix in every row.
+      batch_stats: the per-task batch-norm rows, each row replaced by their ``alpha``-weighted mix.
+      owner: the owner maps.
+      kinds: the leaf kinds.
+      alpha: the sub-networks' weights ``(T,)``.
+
+    Returns:
+      ``(params, batch_stats)`` of the superposed network.
     """
     coef = jnp.cumsum(alpha[::-1])[::-1]
 
@@ -145,6 +161,17 @@ def entropy_gradient(apply_fn: Callable, params: PyTree, batch_stats: PyTree, ow
 
     ``H_b`` is the entropy of the superposed network's softmax over the classes of
     the first ``seen`` tasks, at ``alpha_t = 1/seen`` for seen tasks (0 otherwise).
+
+    Args:
+      apply_fn: the model's ``apply(variables, x, task, train=False) -> logits``.
+      params: the parameters.
+      batch_stats: the batch statistics.
+      owner: the owner maps.
+      kinds: the leaf kinds.
+      x: standardised inputs ``(B, ...)``.
+      seen: the number of tasks learnt so far (may be traced).
+      task_count: T, the sub-networks of the owner map.
+      block_size: the classes per task.
     """
     seen_tasks = jnp.arange(task_count) < seen
     alpha0 = jnp.where(seen_tasks, 1.0 / seen, 0.0).astype(jnp.float32)
@@ -211,14 +238,26 @@ def scores(rule: str, logits: jax.Array, seen, *, tau=1.0, x=None, stats=None, f
 
 
 def best_seen(score: jax.Array, seen) -> jax.Array:
-    """Per input, the seen task (among the first ``seen``) with the highest score: ``(B,)``."""
+    """Per input, the seen task (among the first ``seen``) with the highest score: ``(B,)``.
+
+    Args:
+      score: ``(T, B)`` scores (``scores``); NaN never wins.
+      seen: the number of tasks learnt so far (may be traced).
+    """
     valid = (jnp.arange(score.shape[0]) < seen)[:, None]
     return jnp.argmax(jnp.where(valid & ~jnp.isnan(score), score, -jnp.inf), axis=0)
 
 
 def infer(rules: Iterable[str], logits: jax.Array, seen, **kwargs) -> dict[str, jax.Array]:
     """``{rule: inferred task (B,)}`` for every rule, from one batch's outputs (``scores``' keyword arguments;
-    ``grad`` may be a function computing ``entropy_gradient``, called only if ``entropy_grad`` is asked for)."""
+    ``grad`` may be a function computing ``entropy_gradient``, called only if ``entropy_grad`` is asked for).
+
+    Args:
+      rules: the rules to run.
+      logits: every task's class-block logits ``(T, B, k)``.
+      seen: the number of tasks learnt so far (may be traced).
+      **kwargs: ``scores``' keyword arguments (``tau``, ``x``, ``stats``, ``features``, ``grad``, ...).
+    """
     out = {}
     for rule in rules:
         if rule == "top2_entropy":
@@ -235,7 +274,13 @@ def infer_in_use(rules: tuple[str, ...], chosen, logits: jax.Array, seen, known:
                  **kwargs) -> jax.Array:
     """The task (B,) inferred by ``rules[chosen]`` (``chosen`` traced): only that rule runs (``lax.switch``).
 
-    ``known`` holds tasks already inferred in this pass (``infer``'s output), reused instead of recomputed.
+    Args:
+      rules: the candidate rules.
+      chosen: the index of the rule in use (may be traced; clipped into range).
+      logits: every task's class-block logits ``(T, B, k)``.
+      seen: the number of tasks learnt so far.
+      known: tasks already inferred in this pass (``infer``'s output), reused instead of recomputed.
+      **kwargs: ``scores``' keyword arguments, as for ``infer``.
     """
     known = known or {}
 
@@ -251,7 +296,15 @@ def infer_in_use(rules: tuple[str, ...], chosen, logits: jax.Array, seen, known:
 
 def correct_counts(task: jax.Array, cls: jax.Array, y: jax.Array, valid: jax.Array, true_task
                    ) -> tuple[jax.Array, jax.Array]:
-    """``(cil, task_id)`` correct counts of one rule's inferred ``task`` (B,); ``cls`` every task's class (T, B)."""
+    """``(cil, task_id)`` correct counts of one rule's inferred ``task`` (B,); ``cls`` every task's class (T, B).
+
+    Args:
+      task: the inferred task per example ``(B,)``.
+      cls: every task's predicted task-local class ``(T, B)``.
+      y: the task-local labels ``(B,)``.
+      valid: the rows that count ``(B,)``.
+      true_task: the batch's task.
+    """
     right = valid & (task == true_task)
     return jnp.sum(right & (cls[task, jnp.arange(y.shape[0])] == y)), jnp.sum(right)
 
@@ -261,7 +314,13 @@ def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid
     """Correct counts per rule: ``cil_<rule>`` (right task and class) and ``task_id_<rule>``; with ``chosen`` (an
     index into ``tasks``' order) also ``cil`` / ``task_id`` of the rule in use.
 
-    ``cls`` is every task's predicted class ``(T, B)``.
+    Args:
+      tasks: ``{rule: inferred task (B,)}`` (``infer``).
+      cls: every task's predicted task-local class ``(T, B)``.
+      y: the task-local labels ``(B,)``.
+      valid: the rows that count ``(B,)``.
+      true_task: the batch's task.
+      chosen: the rule in use's index into ``tasks`` (may be traced); None: no ``cil`` / ``task_id``.
     """
     out = {}
     for rule, task in tasks.items():
@@ -275,7 +334,12 @@ def rule_counts(tasks: dict[str, jax.Array], cls: jax.Array, y: jax.Array, valid
 
 
 def choose(task_id: dict[str, float], rules: tuple[str, ...]) -> str:
-    """The rule with the best task identification (``{rule: accuracy}``, validation data); ties: the earlier."""
+    """The rule with the best task identification (``{rule: accuracy}``, validation data); ties: the earlier.
+
+    Args:
+      task_id: ``{rule: task-identification accuracy}`` on validation data.
+      rules: the candidates, in order of preference on ties.
+    """
     best = max(task_id[r] for r in rules)
     return next(r for r in rules if task_id[r] == best)
 

@@ -25,8 +25,17 @@ def init_stats(cfg: InferenceConfig, rules: Iterable[str], task_count: int, clas
                feature_dim: int = 0, fitted: Iterable[str] | None = None) -> PyTree:
     """Statistics of no task yet for the rules that keep some, and the rule in use (``"rule"``, an index of ``rules``).
 
-    ``fitted`` (default ``rules``) names the rules whose statistics live here (the experts' router keeps
-    its own prototypes). Every task's entry has its final shape from the start (a checkpoint restores into it).
+    Every task's entry has its final shape from the start (a checkpoint restores into it).
+
+    Args:
+      cfg: the task-inference settings (the configured rule, Gaussian and prototype settings).
+      rules: the candidate rules; ``"rule"`` starts at the configured one's index (0 under ``auto``).
+      task_count: the tasks (rows of every statistic).
+      classes: the classes per task.
+      input_dim: the pixels per input (``pixels``' width).
+      feature_dim: the width of a sub-network's features (the ``own`` / ``first`` spaces).
+      fitted: the rules whose statistics live here (default ``rules``; the experts' router keeps its own
+        prototypes).
     """
     rules = tuple(rules)
     out: dict[str, Any] = {"rule": jnp.int32(rules.index(cfg.task_inference) if cfg.task_inference in rules else 0)}
@@ -98,7 +107,12 @@ def _standardiser(stats: dict, z: jax.Array, valid: jax.Array) -> dict:
 
 
 def bytes_per_task(stats: PyTree, rules: Iterable[str]) -> dict[str, int]:
-    """Bytes each rule stores per task (0 for the rules that read only the outputs)."""
+    """Bytes each rule stores per task (0 for the rules that read only the outputs).
+
+    Args:
+      stats: the task-inference statistics (``init_stats``).
+      rules: the rules to report.
+    """
     def row(tree):
         return int(sum(np.asarray(v[0]).nbytes for v in jax.tree.leaves(tree)))
 

@@ -259,7 +259,7 @@ def loop_for(loop: str, convolves: bool = True) -> str:
 
     Args:
       loop: ``"epoch"``, ``"step"`` or ``"auto"``: ``"epoch"`` except for a step with convolutions on XLA:CPU, which
-        ran 13-19x slower inside a compiled loop than on its own (ResNet-32, ``benchmarks/accelerator.py``); there
+        ran 20-25x slower inside a compiled loop than on its own (ResNet-32, ``benchmarks/accelerator.py``); there
         each step is one compiled call. A dense step runs as fast or faster in the loop (``benchmarks/hot_paths.py``).
       convolves: whether the step holds a convolution (``"auto"`` only).
     """

@@ -12,6 +12,7 @@ import numpy as np
 from modkd_jax import losses, models, training
 from modkd_jax.agents import on_agents, place, stack_learners
 from modkd_jax.data import batching
+from modkd_jax.epochs import run_epoch
 from modkd_jax.methods.collective_tables import NEG, dense, merge, own_tables, top_k_message
 from modkd_jax.methods.kit import norm_of
 
@@ -94,8 +95,8 @@ def train_students(world: World, students: PyTree, table, taught: np.ndarray, da
         pidx = pidx[: steps * cfg.batch_size].reshape(steps, cfg.batch_size).astype(np.int32)
         per = {"x": data["x"], "y": data["y"], **place({"idx": idx.astype(np.int32)}, mesh)}
         shared = {"probe_x": world.probe_device, "pidx": pidx, "lam": np.float32(lam)}
-        for s in range(steps):
-            students, _ = world.fns["step"](students, per, table, ctx, {**shared, "s": np.int32(s)})
+        step = lambda students, s: world.fns["step"](students, per, table, ctx, {**shared, "s": s})  # noqa: E731
+        students, _, _ = run_epoch(step, students, ((np.int32(s),) for s in range(steps)))
     return students
 
 
@@ -115,9 +116,9 @@ def train_joint(world: World, joint: PyTree, key: jax.Array) -> PyTree:
     carry = (joint["params"], joint["batch_stats"], world.fns["tx"].init(joint["params"]))
     for e in range(cfg.joint_epochs):
         order = np.random.default_rng([world.seed, 41, e]).permutation(len(y))
-        for s in range(len(y) // cfg.batch_size):
-            rows = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            carry, _ = step(carry, training.Batch(x[rows], y[rows]), jax.random.fold_in(key, s), None)
+        rows = (order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(len(y) // cfg.batch_size))
+        carry, _, _ = run_epoch(step, carry, ((training.Batch(x[r], y[r]), jax.random.fold_in(key, s), None)
+                                                     for s, r in enumerate(rows)))
     return {"params": carry[0], "batch_stats": carry[1]}
 
 

@@ -44,7 +44,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -53,6 +52,7 @@ from modkd_jax.agents import (TOPOLOGIES, check_split, class_mask, make_mesh, pl
                               shift_agents, stack_learners, tree_bytes)
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.data.sources import Dataset
+from modkd_jax.epochs import run_epoch
 from modkd_jax.learner import Learner, scenario_fields
 from modkd_jax.methods.dkt_data import (agent_scenarios, epoch_inputs, epoch_keys, epoch_rngs, experience_data,
                                         joint_split, learner_key, order_seed)
@@ -229,12 +229,12 @@ def train_epoch(world: World, learners: PyTree, inbox: PyTree, data: dict, lam: 
                 mesh: Mesh | None) -> tuple[PyTree, dict[str, np.ndarray]]:
     """One epoch for every agent at once; returns the learners and per-agent mean metrics ``{name: [A]}``."""
     per_agent, shared, steps = epoch_inputs(world, data, lam, rngs, keys, mesh)
-    sums = None
-    for s in range(steps):
-        learners, m = world.fns["step"](learners, inbox["message"], inbox["has_teacher"], per_agent,
-                                        {**shared, "s": np.int32(s)})
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    return learners, {k: parallel.to_host(v) / steps for k, v in sums.items()}
+
+    def step(learners, s):
+        return world.fns["step"](learners, inbox["message"], inbox["has_teacher"], per_agent, {**shared, "s": s})
+
+    learners, means, _ = run_epoch(step, learners, ((np.int32(s),) for s in range(steps)))
+    return learners, means
 
 
 def support_of(world: World, message: PyTree) -> np.ndarray:

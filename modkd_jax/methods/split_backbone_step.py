@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from modkd_jax import optim, training
 from modkd_jax.data import batching
+from modkd_jax.epochs import run_epoch
 from modkd_jax.methods.split_backbone_net import SplitBackbone, apply, apply_all, group_labels, path_names
 
 PyTree = Any
@@ -150,16 +150,18 @@ def train_online(step: Callable, gate: Callable, carry, batches: Iterable[tuple]
     Every batch is zero-padded to ``batch_size`` (``batching.pad_batches``: one
     compiled shape); ``gate`` (``make_gate``) opens the task copies present in it.
     """
-    sums, count = None, 0
     key = jax.random.key(0)  # unused: no augmentation
-    for x, y, task in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
+
+    def padded(x, y, task):
         x, y, valid = next(batching.pad_batches(np.asarray(x), np.asarray(y), batch_size))
         task = np.asarray(task, np.int32)
         if task.ndim:  # one task id per example: padded like the labels
             task = np.concatenate([task, np.zeros(batch_size - len(task), np.int32)])
-        ctx = gate(carry[0], task, valid)
-        carry, m = step(carry, StreamBatch(x, y, jnp.asarray(task), valid), key, ctx)
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-        count += 1
-    means = {k: float(v) / count for k, v in sums.items()} if count else {}
-    return carry, {**means, "steps": count}
+        return x, y, task, valid
+
+    def gated(carry, x, y, task, valid):
+        return step(carry, StreamBatch(x, y, jnp.asarray(task), valid), key, gate(carry[0], task, valid))
+
+    carry, means, steps = run_epoch(gated, carry, (padded(*b) for b in batches), total=total, desc=desc,
+                                    progress=progress)
+    return carry, {**{k: float(v) for k, v in means.items()}, "steps": steps}

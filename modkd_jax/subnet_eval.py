@@ -312,13 +312,7 @@ class SubnetEvaluator:
         ``task_id`` of the rule in use); NaN for an empty split.
 
         Args:
-          args: ``(params, batch_stats, owner, inference)``.
-          placed: the splits (``evaluation.place``), resident on the device.
-          seen: tasks learnt so far (the class-incremental rules choose among them).
-          rules: rules whose ``cil_<rule>`` / ``task_id_<rule>`` accuracies are returned.
-          in_use: the candidate rules; ``cil`` / ``task_id`` are those of ``in_use[inference["rule"]]``.
-          tau: the inference temperature (``max_prob``, ``entropy``, ``top2_entropy``).
-          task_ids: the task of each split (default ``0, 1, ...``).
+          args, placed, seen, rules, in_use, tau, task_ids: as in ``counts``.
         """
         per_split = self.counts(args, placed, seen, rules, in_use, tau, task_ids)
         names = next((tuple(c) for c, _ in per_split if c is not None), ())

@@ -9,7 +9,8 @@ start the multi-process runtime exactly as ``python -m experiments.mind`` does.
 ``STOP_AFTER`` ends the run cleanly after that many finished tasks (to test
 resuming); ``STUCK_AT`` makes this process, on reaching that task, write
 ``WORKDIR.stuck`` and wait forever (the test then SIGKILLs it mid-run). The
-run's configuration is fixed here: MIND on digits, 2 tasks, tiny MLP, 1 epoch.
+run's configuration is fixed here: MIND on digits, 2 tasks, tiny MLP, 1 epoch, the rule chosen by ``auto`` (every
+candidate's statistics fitted on data split across the processes).
 """
 
 import os
@@ -27,7 +28,7 @@ from experiments import mind as cli  # noqa: E402
 
 ARGV = ["--dataset", "digits", "--task_count", "2", "--arch", "mlp", "--hidden", "32", "32", "--epochs", "1",
         "--distill_epochs", "1", "--batch_size", "32", "--no_augment", "--optimizer", "sgd", "--lr", "0.05",
-        "--distill_lr", "0.05", "--temperature", "2", "--task_inference", "max_prob", "--workdir", workdir]
+        "--distill_lr", "0.05", "--temperature", "2", "--task_inference", "auto", "--workdir", workdir]
 
 
 @common.guarded

@@ -72,8 +72,9 @@ def _one_and_two(script: Path, tmp_path: Path, single: str) -> tuple[dict, dict]
     return tuple(json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
 
 
-def test_two_processes_train_mind_and_ewc_to_the_one_process_matrices(tmp_path):
-    """2 processes x 2 devices = 1 process x 4 devices, each process handing JAX only its half of every batch."""
+def test_two_processes_train_ewc_to_the_one_process_matrices(tmp_path):
+    """2 processes x 2 devices = 1 process x 4 devices, each process handing JAX only its half of every batch
+    (EWC: its Fisher pass too; MIND: the CLI test below)."""
     one, two = _one_and_two(MP_CHECK, tmp_path, "single")
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["fed"] and all(2 * local == whole for local, whole in two["fed"])  # each process: half the rows
@@ -134,7 +135,7 @@ def test_two_process_cli_run_checkpoints_resumes_and_survives_a_killed_process(t
     2. re-run: both resume from step 1; process 1 then hangs in task 2 and is SIGKILLed: process 0 ends with one
        ``error:`` line (exit 3) instead of waiting for its peer;
     3. re-run: both resume from step 1 again and finish with exactly (bit for bit, SGD) the accuracy matrices
-       of the uninterrupted 1-process x 4-device run.
+       of the uninterrupted 1-process x 4-device run, every candidate rule of ``auto`` fitted across processes.
     """
     single = _start(tmp_path / "one", 4)  # the reference, alongside phase 1
     work = tmp_path / "two"
@@ -169,6 +170,9 @@ def test_two_process_cli_run_checkpoints_resumes_and_survives_a_killed_process(t
     assert all("resuming" in out and "after task 0" in out for out in outs), outs
     got = _matrices(work)
     assert got.keys() == reference.keys()
+    chosen = [json.loads((d / "results.json").read_text())["task_inference"] for d in (work, tmp_path / "one")]
+    assert chosen[0]["rule_in_use"] == chosen[1]["rule_in_use"] and len(chosen[0]["rule_in_use"]) == 2
+    assert chosen[0]["val_task_id"] == chosen[1]["val_task_id"]  # auto's scores on validation, every candidate
     for rule, R in reference.items():
         np.testing.assert_array_equal(np.asarray(got[rule], float), np.asarray(R, float), err_msg=rule)
     summaries = [json.loads(line)["task"] for line in (work / "metrics.jsonl").read_text().splitlines()

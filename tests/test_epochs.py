@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modkd_jax import diagnostics
+from modkd_jax import diagnostics, epochs
 from modkd_jax.epochs import run_epoch
 
 
@@ -15,14 +15,26 @@ def _step(w, x, y):
     return w - 0.1 * g, {"loss": loss, "per_agent": jnp.stack([loss, 2 * loss])}
 
 
-def test_run_epoch_is_the_plain_loop_with_means_fetched_once():
+def test_run_epoch_is_the_plain_loop_with_means_fetched_once(monkeypatch):
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=8).astype(np.float32)) for _ in range(5)]
     w, losses = jnp.zeros(3), []
     for x, y in batches:
         w, m = _step(w, x, y)
         losses.append(float(m["loss"]))
+    fetched = []
+
+    def to_host(x):  # the runner's fetch, counted (XLA:CPU's transfer guard does not see host reads)
+        fetched.append(x)
+        return np.asarray(x)
+
+    monkeypatch.setattr(epochs.parallel, "to_host", to_host)
     got, means, steps = run_epoch(_step, jnp.zeros(3), iter(batches))
+    assert len(fetched) == 2  # once per metric, at the end of the epoch, not per step
+    fetched.clear()
+    again, none, _ = run_epoch(_step, jnp.zeros(3), iter(batches), metrics=False)
+    assert none == {} and not fetched  # metrics off: nothing summed, nothing fetched
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(w))
     assert steps == 5
     np.testing.assert_array_equal(np.asarray(got), np.asarray(w))  # same steps, same order
     assert means["loss"].dtype == np.float64 and means["per_agent"].shape == (2,)

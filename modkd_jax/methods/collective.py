@@ -56,8 +56,8 @@ from modkd_jax.data.scenarios import Scenario, class_split
 from modkd_jax.data.sources import Dataset
 from modkd_jax.learner import Learner
 from modkd_jax.methods import mind
-from modkd_jax.methods.collective_students import (GATES, choose_gates, gated, init_students, make_student_fns,
-                                                   student_view, train_joint, train_students)
+from modkd_jax.methods.collective_students import (GATES, choose_gates, gate_inputs, gated, init_students,
+                                                   make_student_fns, student_view, train_joint, train_students)
 from modkd_jax.methods.collective_tables import exchange_probe, exchange_weights, make_table, own_tables
 from modkd_jax.methods.kit import norm_of
 
@@ -245,6 +245,7 @@ def learn_round(world: World, state: PyTree, r: int, key: jax.Array, log=None, p
     lam = cfg.lam
     tables, taught, sent = dict(state["tables"]), dict(state["taught"]), dict(state["bytes_sent"])
     students, gates = dict(state["students"]), dict(state["gates"])
+    val = gate_inputs(world, agents, learnt) if lam != 0 else None  # shared by both exchanges' gates
     for i, v in enumerate(VARIANTS):
         if lam == 0:  # the agent alone: nothing sent, nothing taught
             tables[v] = place(np.where(own[:, None, :], own_table, -np.inf).astype(np.float32), world.mesh)
@@ -253,12 +254,12 @@ def learn_round(world: World, state: PyTree, r: int, key: jax.Array, log=None, p
         if v == "probe":
             table, b = exchange_probe(world, tables[v], own, own_table, hop0, trace)
         else:
-            table, b = exchange_weights(world, np.asarray(tables[v]), agents, learnt, own, own_table, hop0)
+            table, b = exchange_weights(world, np.asarray(tables[v]), agents, own, own_table, hop0)
         tables[v] = place(np.asarray(table, np.float32), world.mesh)
         sent[v] = np.asarray(sent[v]) + b
         taught[v] = own | np.isfinite(np.asarray(table)).any(axis=1)
         students[v] = train_students(world, students[v], tables[v], taught[v], data, lam, r, i, cfg.student_epochs)
-        gates[v], info.setdefault("gates", {})[v] = choose_gates(world, agents, students[v], taught[v], learnt, own)
+        gates[v], info.setdefault("gates", {})[v] = choose_gates(world, students[v], taught[v], own, val)
     state.update(tables=tables, taught=taught, bytes_sent=sent, students=students, gates=gates,
                  hops=np.asarray(hop0 + (0 if lam == 0 else cfg.hops_per_round), np.int64))
     if r == 0:

@@ -94,9 +94,9 @@ def train_students(world: World, students: PyTree, table, taught: np.ndarray, da
         pidx = np.random.default_rng([world.seed, 37, variant, r, e]).permutation(len(world.probe_x))
         pidx = pidx[: steps * cfg.batch_size].reshape(steps, cfg.batch_size).astype(np.int32)
         per = {"x": data["x"], "y": data["y"], **place({"idx": idx.astype(np.int32)}, mesh)}
-        shared = {"probe_x": world.probe_device, "pidx": pidx, "lam": np.float32(lam)}
+        shared = {"probe_x": world.probe_device, **place({"pidx": pidx, "lam": np.float32(lam)}, mesh, shared=True)}
         step = lambda students, s: world.fns["step"](students, per, table, ctx, {**shared, "s": s})  # noqa: E731
-        students, _, _ = run_epoch(step, students, ((np.int32(s),) for s in range(steps)))
+        students, _, _ = run_epoch(step, students, ((np.int32(s),) for s in range(steps)), metrics=False)
     return students
 
 
@@ -117,8 +117,8 @@ def train_joint(world: World, joint: PyTree, key: jax.Array) -> PyTree:
     for e in range(cfg.joint_epochs):
         order = np.random.default_rng([world.seed, 41, e]).permutation(len(y))
         rows = (order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(len(y) // cfg.batch_size))
-        carry, _, _ = run_epoch(step, carry, ((training.Batch(x[r], y[r]), jax.random.fold_in(key, s), None)
-                                                     for s, r in enumerate(rows)))
+        batches = ((training.Batch(x[r], y[r]), jax.random.fold_in(key, s), None) for s, r in enumerate(rows))
+        carry, _, _ = run_epoch(step, carry, batches, metrics=False)
     return {"params": carry[0], "batch_stats": carry[1]}
 
 
@@ -141,17 +141,24 @@ def gated(alone: np.ndarray, own_mass: np.ndarray, other: np.ndarray, gate, know
     return np.where(keep, alone, other)
 
 
-def choose_gates(world: World, agents: list, students: PyTree, taught: np.ndarray, learnt: list[int],
-                 own: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-    """Each agent's gate, on its own tasks' validation splits (never test): the largest of ``GATES`` whose
-    own-class accuracy is within ``gate_tolerance`` of the agent alone's. Returns ``(gates [A], evidence)``."""
-    gates, evidence = np.full(world.agents, GATES[-1], np.float32), []
+def gate_inputs(world: World, agents: list, learnt: list[int]) -> dict[str, np.ndarray]:
+    """The seen tasks' validation rows of every agent (``x``, global labels ``y``, ``owner`` agent) and each
+    agent alone's prediction on them (``alone [A, n]``): what ``choose_gates`` reads, the same for every exchange."""
     vals = [[t.val for t in s.tasks[:n]] for s, n in zip(world.agent_scenarios, learnt)]
     x = np.concatenate([v.x for per in vals for v in per])
-    y = np.concatenate([v.y_global for per in vals for v in per])
-    owner = np.concatenate([np.full(len(v.y), a) for a, per in enumerate(vals) for v in per])
-    own_mass, other, _ = student_view(world, students, taught, own, x)
-    alone = np.argmax(own_tables(world, agents, learnt, x), axis=-1)
+    return {"x": x, "y": np.concatenate([v.y_global for per in vals for v in per]),
+            "owner": np.concatenate([np.full(len(v.y), a) for a, per in enumerate(vals) for v in per]),
+            "alone": np.argmax(own_tables(world, agents, learnt, x), axis=-1)}
+
+
+def choose_gates(world: World, students: PyTree, taught: np.ndarray, own: np.ndarray, val: dict[str, np.ndarray]
+                 ) -> tuple[np.ndarray, list[dict]]:
+    """Each agent's gate, on its own tasks' validation splits (never test; ``val`` from ``gate_inputs``): the largest
+    of ``GATES`` whose own-class accuracy is within ``gate_tolerance`` of the agent alone's. Returns
+    ``(gates [A], evidence)``."""
+    gates, evidence = np.full(world.agents, GATES[-1], np.float32), []
+    y, owner, alone = val["y"], val["owner"], val["alone"]
+    own_mass, other, _ = student_view(world, students, taught, own, val["x"])
     knows = (taught & ~own).any(-1)
     for a in range(world.agents):
         rows = owner == a

@@ -102,9 +102,13 @@ def exchange_probe(world: World, table: jax.Array, own: np.ndarray, own_table: n
     return table, sent
 
 
-def exchange_weights(world: World, table: np.ndarray, agents: list, learnt: list[int], own: np.ndarray,
-                     own_table: np.ndarray, hop0: int) -> tuple[np.ndarray, np.ndarray]:
-    """The weights baseline: each hop, every agent forwards every model it holds; receivers compute their tables."""
+def exchange_weights(world: World, table: np.ndarray, agents: list, own: np.ndarray, own_table: np.ndarray,
+                     hop0: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights baseline: each hop, every agent forwards every model it holds; receivers compute their tables.
+
+    A received model is its origin's own learner, so the receiver's table of it is ``own_table[origin]``
+    (the same compiled function on the same probe set): it is read, not recomputed.
+    """
     A = world.agents
     held = [{a: model_of(agents[a])} for a in range(A)]
     sent = np.zeros(A, np.int64)
@@ -115,11 +119,9 @@ def exchange_weights(world: World, table: np.ndarray, agents: list, learnt: list
         for a in range(A):
             src = (a + shift) % A
             sent[src] += sum(tree_bytes(m) for m in incoming[a].values())
-            for origin, model in incoming[a].items():
+            for origin in incoming[a]:
                 if origin != a and origin not in held[a]:
-                    received = table_of(world.tables[origin], model, world.probe_x, learnt[origin],
-                                        world.cfg.eval_batch_size)
-                    table[a] = np.maximum(table[a], received)
+                    table[a] = np.maximum(table[a], own_table[origin])
             held[a].update(incoming[a])
         table = np.where(own[:, None, :], own_table, table)
     return table, sent

@@ -38,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (UsageError, add_config_flags, add_inference_flags, add_run_flags, build_scenario,
-                                config_from, config_of, guarded, inference_from, run_settings, show_progress)
+                                config_from, config_of, guarded, inference_from, preset_for, run_settings,
+                                show_progress)
 from modkd_jax import loop, masks, metrics, models, preservation, rundir, training
 from modkd_jax.methods import baselines, mind
 from modkd_jax.methods import experts as X
 from modkd_jax.methods.experts_cost import mlp_flops, mlp_params, pool_params
-from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of
+from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of, train_phase
 
 METHODS = ("experts", "monolithic", "mind")
 FLAGS = tuple(f.name for f in dataclasses.fields(X.ExpertsConfig) if f.name != "inference")
@@ -54,7 +55,7 @@ HELP = {"hidden": "widths of one expert MLP", "max_experts": "pool capacity (0: 
         "top_k": "experts one task may reuse (soft top-k mixture)",
         "epochs": "epochs per task (MIND: teacher and distillation each)",
         "old_hidden": "widths of the deprecated model", "keep": "share of each deprecated kernel kept by importance"}
-CHOICES = {"allocation": X.ALLOCATIONS, "optimizer": ("adam", "sgd")}
+CHOICES = {"allocation": X.ALLOCATIONS, "optimizer": training.OPTIMIZERS}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,9 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting (ExpertsConfig defaults < dataset preset < flags), as saved in config.json."""
-    if args.dataset not in X.PRESETS:
-        raise UsageError(f"experiments.experts supports {', '.join(X.PRESETS)}, not {args.dataset}")
-    preset = X.PRESETS[args.dataset]
+    preset = preset_for(X.PRESETS, args.dataset, "experiments.experts")
     cfg = run_settings(args, preset)
     cfg.pop("seed")
     ecfg = config_from(X.ExpertsConfig, preset, args, FLAGS,
@@ -125,10 +124,10 @@ def run_preservation(ecfg: X.ExpertsConfig, scenario, seed: int, progress: bool)
     tx = training.make_optimizer("adam", ecfg.lr)
     full = masks.full_mask(params)
     step = training.make_step(make_loss(old.apply, k), tx, training.augmenting(mean, std))
-    params, batch_stats, _ = training.run_phase(
-        step, (params, batch_stats, tx.init(params)), scenario.tasks[0].train, Context(jnp.int32(0), full, full),
+    params, batch_stats, _ = train_phase(
+        step, tx, params, batch_stats, scenario.tasks[0].train, Context(jnp.int32(0), full, full),
         training.Phase(ecfg.epochs, ecfg.batch_size, ecfg.lr, ecfg.lr_milestone), jax.random.fold_in(key, 101),
-        desc="old model", progress=progress)
+        task=0, name="old model", desc="old model", progress=progress)
     out = {}
     for name, method, imp in (("none", "none", "magnitude"), ("copy_magnitude", "copy", "magnitude"),
                               ("copy_fisher", "copy", "fisher"), ("distill", "distill", "magnitude")):

@@ -104,6 +104,18 @@ def trainable_mask(owner: PyTree, task) -> PyTree:
     return jax.tree.map(lambda o: o == task, owner)
 
 
+def dense_masks(owner: PyTree, task) -> tuple[PyTree, PyTree]:
+    """``(forward, trainable)`` of training ``task`` on every free weight too: earlier tasks' weights compute but
+    stay frozen, the free ones and ``task``'s own learn (MIND's dense student, PackNet's training phase).
+
+    Args:
+      owner: the owner maps (``init_owners``, ``assign``).
+      task: the task id (an int or a traced array).
+    """
+    return (jax.tree.map(lambda o: o <= task, owner),  # FREE (-1) <= task too
+            jax.tree.map(lambda o: (o == FREE) | (o == task), owner))
+
+
 def free_mask(owner: PyTree) -> PyTree:
     """Weights no task owns yet."""
     return jax.tree.map(lambda o: o == FREE, owner)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from modkd_jax import evaluation, losses, masks, models, training
 from modkd_jax.data.scenarios import Scenario
-from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of
+from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of, train_phase
 
 PyTree = Any
 
@@ -198,19 +198,18 @@ def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: ja
                                   training.augmenting(mean, std, teacher=teacher))
         ctx = Context(jnp.int32(old_task), masks.forward_mask(owner, old_task),
                            masks.trainable_mask(owner, old_task), old_vars)
-        params, batch_stats, _ = training.run_phase(
-            step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
-            training.Phase(distill_epochs or epochs, batch_size, lr, 0.7), k_dist, desc="distill old model",
-            progress=progress)
+        params, batch_stats, _ = train_phase(step, tx, params, batch_stats, new_t.train, ctx,
+                                             training.Phase(distill_epochs or epochs, batch_size, lr, 0.7), k_dist,
+                                             task=old_task, name="distill", desc="distill old model", progress=progress)
     gated_now = {"params": masks.gate(params, masks.forward_mask(owner, old_task)), "batch_stats": batch_stats}
     info["transferred_acc"] = evaluation.block_accuracy(new_counts, gated_now, old_t.test, old_task, eval_batch_size)
     # continue learning: the new task takes every weight the old task does not own
     owner = masks.assign(owner, kinds, new_task, new_task + 1, policy="random", key=k_sel)
     ctx = Context(jnp.int32(new_task), masks.forward_mask(owner, new_task), masks.trainable_mask(owner, new_task))
     step = training.make_step(make_loss(new_model.apply, k), tx, training.augmenting(mean, std))
-    params, batch_stats, _ = training.run_phase(step, (params, batch_stats, tx.init(params)), new_t.train, ctx,
-                                                training.Phase(epochs, batch_size, lr, 0.7), k_train, desc="continue",
-                                                progress=progress)
+    params, batch_stats, _ = train_phase(step, tx, params, batch_stats, new_t.train, ctx,
+                                         training.Phase(epochs, batch_size, lr, 0.7), k_train, task=new_task,
+                                         name="continue", desc="continue", progress=progress)
     for name, t, split in (("retained_acc", old_task, old_t.test), ("new_task_acc", new_task, new_t.test)):
         v = {"params": masks.gate(params, masks.forward_mask(owner, t)), "batch_stats": batch_stats}
         info[name] = evaluation.block_accuracy(new_counts, v, split, t, eval_batch_size)

@@ -245,19 +245,18 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
     mean, std = norm_of(scenario)
     tx = training.make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     features = subnets = val = None
+    model = build(cfg, k * T, T if cfg.method == "packnet" else 1)
+    kinds = models.leaf_kinds(models.init(model, jax.random.key(0), scenario.input_shape)[0])
     if cfg.method == "packnet":  # MIND's network: per-task batch norm, sub-networks by owner map
-        model = build(cfg, k * T, T)
         apply_fn = model.apply
         cfg.inference.check(task_inference.SUBNET_RULES, all(len(task.val.y) for task in scenario.tasks))
         step = training.make_step(make_loss(apply_fn, k), tx, training.augmenting(mean, std, cfg.crop_flip))
-        kinds = models.leaf_kinds(models.init(model, jax.random.key(0), scenario.input_shape)[0])
         subnets = SubnetEvaluator(apply_fn, T, k, mean, std, kinds, cfg.eval_batch_size, mesh=mesh)
         val = evaluation.place([task.val for task in scenario.tasks], cfg.eval_batch_size, mesh)
         counts = None
         features = evaluation.make_subnet_features(apply_fn, mean, std)
         fisher_fn, block_counts = None, evaluation.make_block_counts(apply_fn, k, mean, std)
     else:
-        model = build(cfg, k * T, 1)
         apply_fn = _single_head_apply(model)
         teacher = (lambda ctx, x: apply_fn(ctx.old, x, ctx.task, train=False)) if cfg.method == "lwf" else None
         step = training.make_step(make_head_loss(apply_fn, cfg, k, global_labels=cfg.method == "joint"), tx,
@@ -274,8 +273,7 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
             features = parallel.data_parallel(features, mesh, batch_argnums=(3,), donate_argnums=())
         if block_counts is not None:
             block_counts = parallel.data_parallel(block_counts, mesh, batch_argnums=(1, 2, 3), donate_argnums=())
-    params, _ = models.init(model, jax.random.key(0), scenario.input_shape)
-    return Baseline(cfg, scenario, model, apply_fn, models.leaf_kinds(params), k, tx, step, counts, fisher_fn,
+    return Baseline(cfg, scenario, model, apply_fn, kinds, k, tx, step, counts, fisher_fn,
                     block_counts, features, subnets, val)
 
 
@@ -326,9 +324,8 @@ def _learn_packnet(b: Baseline, state: PyTree, t: int, key: jax.Array, log, prog
     cfg, task, T = b.cfg, b.scenario.tasks[t], b.task_count
     k_train, k_retrain, k_stats = jax.random.split(key, 3)
     params, batch_stats, owner = state["params"], state["batch_stats"], state["owner"]
-    # Train the free weights; earlier tasks' weights compute but stay frozen (FREE = -1 <= t).
-    fwd = jax.tree.map(lambda o: o <= t, owner)
-    trn = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
+    # Train the free weights; earlier tasks' weights compute but stay frozen.
+    fwd, trn = masks.dense_masks(owner, t)
     params, batch_stats, _ = _run(b, "train", t, params, batch_stats, task.train, Context(jnp.int32(t), fwd, trn),
                                   cfg.epochs, k_train, log, progress)
     # Keep the largest trained |w| (a 1/N share of each layer, as MIND), prune the rest, retrain what was kept.

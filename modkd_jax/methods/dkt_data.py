@@ -64,7 +64,9 @@ def epoch_inputs(world: World, data: dict, lam: float, rngs, keys, mesh: Mesh | 
     pad = ((0, 0), (0, data["x"].shape[1] // world.cfg.batch_size - steps), (0, 0))
     per_agent = {"x": data["x"], "y": data["y"], "seen": data["seen"],
                  **place({"idx": np.pad(idx, pad), "pidx": np.pad(pidx.astype(np.int32), pad), "key": keys}, mesh)}
-    return per_agent, {"probe_x": world.probe_x, "lam": np.float32(lam), "s": np.int32(0)}, steps
+    shared = {"probe_x": world.probe_x, **place({"lam": np.float32(lam)}, mesh, shared=True),
+              "s": np.int32(0)}  # the step index: train_epoch passes each step's
+    return per_agent, shared, steps
 
 
 def epoch_rngs(world: World, role: int, agents: int, t: int, epoch: int) -> list[np.random.Generator]:

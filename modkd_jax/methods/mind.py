@@ -276,8 +276,7 @@ def learn_task(mind: Mind, state: PyTree, t: int, key: jax.Array, log: Callable[
         distill_step = "distill"
     else:
         # Train the dense student (tasks < t frozen, all free weights trainable) on the task ...
-        owned_or_free = jax.tree.map(lambda o: (o <= t), owner)  # FREE (-1) <= t too
-        trainable = jax.tree.map(lambda o: (o == masks.FREE) | (o == t), owner)
+        owned_or_free, trainable = masks.dense_masks(owner, t)
         params, batch_stats, _ = _phase(mind, "self_train", t, params, batch_stats, train,
                                         Context(t_arr, owned_or_free, trainable), k_phase1, log, progress)
         # a snapshot: the distillation step donates (and so invalidates) the student's own buffers

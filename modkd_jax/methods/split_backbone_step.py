@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from modkd_jax import optim, training
+from modkd_jax import training
 from modkd_jax.data import batching
 from modkd_jax.epochs import run_epoch
 from modkd_jax.methods.split_backbone_net import SplitBackbone, apply, apply_all, group_labels, path_names

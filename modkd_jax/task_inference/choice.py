@@ -46,7 +46,7 @@ def choose_rule(cfg: InferenceConfig, rules: tuple[str, ...], per_split: Callabl
     examples = sum(n for _, n in counted)
     if examples == 0:
         raise ValueError("choosing the task-inference rule needs validation examples")
-    val = {r: float(sum(c[f"task_id_{r}"] for c, n in counted if n)) / examples for r in rules}
+    val = {r: float(sum(c[REGISTRY[r].keys[1]] for c, n in counted if n)) / examples for r in rules}
     rule = choose(val, rules)
     return rules.index(rule), {"rule": rule, "val_task_id": val}
 
@@ -84,14 +84,13 @@ def _fit_subnet_statistics(cfg: InferenceConfig, inference, scenario, t: int, tr
         return inference  # no rule in use keeps statistics
     x, y = jnp.asarray(train.x), jnp.asarray(train.y)
     valid = jnp.arange(x.shape[0]) < len(train)
-    kwargs = {"x": pixels(x)}
     spaces = {REGISTRY[r].space for r in STAT_RULES if r in inference}
+    kwargs = {"x": pixels(x)} if "pixels" in spaces else {}  # an (n, d) float copy only when a rule reads it
     if "own" in spaces:
         kwargs["own"] = features_of(features, args, x, t, batch_size)
     if "first" in spaces:
         kwargs["first"] = features_of(features, args, x, 0, batch_size)
-    return fit_task(cfg, inference, t, y, len(scenario.tasks[t].classes), valid=valid, key=key,
-                                   **kwargs)
+    return fit_task(cfg, inference, t, y, len(scenario.tasks[t].classes), valid=valid, key=key, **kwargs)
 
 
 def inference_report(inference, rules: tuple[str, ...], infos: list[dict]) -> dict:

@@ -17,7 +17,7 @@ import dataclasses
 from experiments.common import (UsageError, add_config_flags, add_inference_flags, add_parallel_flags, add_run_flags,
                                 config_from, config_of, guarded, inference_from, inference_given, mesh_from_args,
                                 run_on_scenario, run_settings, show_progress)
-from modkd_jax import models
+from modkd_jax import models, training
 from modkd_jax.methods import baselines
 
 FLAGS = ("arch", "epochs", "retrain_epochs", "batch_size", "lr", "optimizer", "head", "lwf_alpha", "lwf_temperature",
@@ -27,7 +27,7 @@ HELP = {"epochs": "training epochs per task", "retrain_epochs": "PackNet: retrai
         "lwf_alpha": "LwF: weight of the distillation term", "ewc_lambda": "EWC: weight of the Fisher penalty",
         "ewc_samples": "EWC: examples per task for the Fisher",
         "temperature": "PackNet: inference temperature (max-prob rule)"}
-CHOICES = {"arch": models.ARCHS, "optimizer": ("adam", "sgd"), "head": baselines.HEADS}
+CHOICES = {"arch": models.ARCHS, "optimizer": training.OPTIMIZERS, "head": baselines.HEADS}
 
 
 def parser() -> argparse.ArgumentParser:

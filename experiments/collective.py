@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import (UsageError, add_config_flags, add_data_flags, config_from, config_of, guarded,
-                                show_progress)
+from experiments.common import (UsageError, add_agent_flags, add_config_flags, add_data_flags, config_from, config_of,
+                                guarded, preset_for, show_progress)
 from modkd_jax import data, loop, rundir
 from modkd_jax.agents import TOPOLOGIES, default_devices
 from modkd_jax.methods import collective, mind
@@ -50,16 +50,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mind_epochs", type=int, default=None,
                    help="MIND's teacher and distillation epochs per task (default: its dataset preset)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="validation share of each task (MIND's choices)")
-    p.add_argument("--agent_devices", type=int, default=0,
-                   help="devices the agents axis is sharded over (0: all devices when they divide --agents)")
+    add_agent_flags(p)
     p.add_argument("--workdir", default=None, help="run directory (default runs/collective_<dataset>_a<N>_s<seed>)")
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting, as saved in config.json."""
-    if args.dataset not in mind.PRESETS:
-        raise UsageError(f"no MIND preset for {args.dataset}")
+    preset_for(mind.PRESETS, args.dataset, "experiments.collective")  # its agents are MIND learners
     cfg = config_from(collective.CollectiveConfig, {}, args, NAMES)
     overrides = {} if args.mind_epochs is None else {"epochs": args.mind_epochs, "distill_epochs": args.mind_epochs}
     if args.mind_epochs is not None and args.mind_epochs < 1:

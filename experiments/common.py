@@ -24,13 +24,27 @@ class UsageError(ValueError):
 
 
 def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str) -> None:
-    """--dataset, --data_dir, --tfds_dir, --seed (a CLI refuses a dataset its method has no preset for, in one line)."""
+    """--dataset, --data_dir, --tfds_dir, --seed (a CLI refuses a dataset its method has no preset for, in one line:
+    ``preset_for``)."""
     parser.add_argument("--dataset", default=default_dataset, choices=DATASETS)
     parser.add_argument("--data_dir", default=None,
                         help="folder with the official archives (TFDS manual_dir), e.g. ../shared/data/mnist; "
                              "env MODKD_DATA_DIR")
     parser.add_argument("--tfds_dir", default=None, help="where TFDS keeps prepared data (env MODKD_TFDS_DIR)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def preset_for(presets: dict, dataset: str, cli: str) -> dict:
+    """``presets[dataset]``, or a UsageError naming the datasets ``cli`` (``"experiments.dkt"`` ...) supports."""
+    if dataset not in presets:
+        raise UsageError(f"{cli} supports {', '.join(presets)}, not {dataset}")
+    return presets[dataset]
+
+
+def add_agent_flags(parser: argparse.ArgumentParser) -> None:
+    """--agent_devices: the devices the agents axis is sharded over (DKT, collective)."""
+    parser.add_argument("--agent_devices", type=int, default=0,
+                        help="devices the agents axis is sharded over (0: all devices when they divide --agents)")
 
 
 def show_progress() -> bool:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import collective
-from experiments.common import (UsageError, add_config_flags, add_data_flags, config_from, config_of,
-                                guarded, show_progress)
+from experiments.common import (UsageError, add_agent_flags, add_config_flags, add_data_flags, config_from, config_of,
+                                guarded, preset_for, show_progress)
 from modkd_jax import data, loop, rundir
 from modkd_jax.agents import TOPOLOGIES, default_devices
 from modkd_jax.methods import dkt
@@ -58,8 +58,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(p, dkt.DKTConfig, NAMES, helps=HELPS)
     p.add_argument("--task_count", type=int, default=None, help="experiences (default per dataset)")
     p.add_argument("--val_fraction", type=float, default=None, help="validation share (default per dataset)")
-    p.add_argument("--agent_devices", type=int, default=0,
-                   help="devices the agents axis is sharded over (0: all devices when they divide --agents)")
+    add_agent_flags(p)
     p.add_argument("--compare", action="store_true", help="agents: run alone, probe and weights and tabulate")
     p.add_argument("--workdir", default=None, help="run directory (default runs/dkt_<experiment>_<dataset>_...)")
     return p
@@ -67,9 +66,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every effective setting (flags over the dataset's preset over ``DKTConfig``), as saved in config.json."""
-    if args.dataset not in dkt.PRESETS:
-        raise UsageError(f"experiments.dkt supports {', '.join(dkt.PRESETS)}, not {args.dataset}")
-    preset = dkt.PRESETS[args.dataset]
+    preset = preset_for(dkt.PRESETS, args.dataset, "experiments.dkt")
     cfg = config_from(dkt.DKTConfig, preset, args, NAMES)
     task_count = preset["task_count"] if args.task_count is None else args.task_count
     if task_count < 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 from experiments.common import (add_config_flags, add_inference_flags, add_parallel_flags, add_run_flags, config_from,
                                 config_of, guarded, inference_from, mesh_from_args, run_on_scenario, run_settings,
                                 show_progress)
-from modkd_jax import losses, models, routing
+from modkd_jax import losses, models, routing, training
 from modkd_jax.methods import mind
 
 FLAGS = ("arch", "hidden", "epochs", "distill_epochs", "batch_size", "lr", "distill_lr", "optimizer", "weight_decay",
@@ -34,7 +34,7 @@ HELP = {
     "eval_strategy": "evaluation runs the sub-networks one after another (map: memory of one) or batched (vmap: "
                      "faster for dense models on an accelerator)",
 }
-CHOICES = {"arch": models.ARCHS, "optimizer": ("adam", "sgd"), "distill_loss": losses.DISTILL_LOSSES,
+CHOICES = {"arch": models.ARCHS, "optimizer": training.OPTIMIZERS, "distill_loss": losses.DISTILL_LOSSES,
            "policy": ("random", "magnitude"), "init_new": ("zero", "keep"), "teacher_bn": ("running", "batch"),
            "bn_init": ("fresh", "copy"), "eval_strategy": routing.STRATEGIES}
 

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from experiments.common import UsageError, add_config_flags, config_from, guarded, show_progress
-from modkd_jax import data, loop, metrics, rundir
+from modkd_jax import data, loop, metrics, rundir, training
 from modkd_jax.learner import scenario_fields
 from modkd_jax.data.sources import DATASETS
 from modkd_jax.methods import split_backbone as sb
@@ -53,7 +53,7 @@ HELP = {"lr_task": "learning rate of the task-specific layers", "lr_shared": "le
         "momentum": "SGD momentum", "temperature": "softmax temperature of the task-ID rules",
         "stem_mode": "ImageNet stem on small inputs: imagenet (7x7/2 + max-pool), no_pool (7x7/2), stride1 (7x7/1)",
         "eval_split": "where Val1/Val2 are measured (val: 10%% of each training set held out)"}
-CHOICES = {"optimizer": ("sgd", "adam"), "stem_mode": tuple(sbn.STEM_MODES), "eval_split": ("test", "val")}
+CHOICES = {"optimizer": training.OPTIMIZERS, "stem_mode": tuple(sbn.STEM_MODES), "eval_split": ("test", "val")}
 
 
 def parser() -> argparse.ArgumentParser:

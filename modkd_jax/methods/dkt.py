@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, parallel
+from modkd_jax import evaluation, losses, parallel, training
 from modkd_jax.agents import (TOPOLOGIES, check_split, class_mask, make_mesh, place, probe_holdout, round_shift,
                               shift_agents, stack_learners, tree_bytes)
 from modkd_jax.data.scenarios import Scenario, Split
@@ -102,7 +102,7 @@ class DKTConfig:
                                                    f"{EXPERIMENTS}"),
                   (self.agents >= 2 or self.experiment != "agents",
                    f"the agents experiment needs at least 2 agents, got {self.agents}"),
-                  (self.optimizer in ("adam", "sgd"), f"unknown optimizer {self.optimizer!r}; expected adam or sgd"),
+                  (self.optimizer in training.OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; expected adam or sgd"),
                   (self.kd in KD_LOSSES, f"unknown kd loss {self.kd!r}; expected one of {KD_LOSSES}"),
                   (self.exchange in MODES, f"unknown exchange {self.exchange!r}; expected one of {MODES}"),
                   (self.topology in TOPOLOGIES, f"unknown topology {self.topology!r}; expected one of {TOPOLOGIES}"),

@@ -11,18 +11,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "2", "--arch", "mlp", "--epochs", "2",
-        "--distill_epochs", "2", "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.05", "--distill_lr", "0.05"]
-
-
-def _run(workdir: Path, devices: int, extra=()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false")
-    return subprocess.run([sys.executable, *ARGS, "--workdir", str(workdir), *extra], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_batch_that_does_not_split_over_the_devices_is_one_clear_line(tmp_path):
-    bad = _run(tmp_path / "bad", 4, ["--batch_size", "30"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false")
+    bad = subprocess.run([sys.executable, "-m", "experiments.mind", "--dataset", "digits", "--task_count", "2",
+                          "--batch_size", "30", "--workdir", str(tmp_path / "bad")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2
     assert "does not split over 4 devices" in bad.stderr and "Traceback" not in bad.stderr

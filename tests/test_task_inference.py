@@ -79,24 +79,22 @@ def test_gaussian_and_prototype_rules_recognise_the_task_where_max_prob_is_foole
 def test_standardised_own_feature_likelihoods_are_comparable_across_sub_networks():
     """gauss_own_z: each task's log-likelihood in its own feature space, as a z-score on its own training rows.
 
-    Task 1's sub-network has a 20-dim space with a tight spread, task 0's a 2-dim one: raw log-likelihoods
-    favour task 1 on everything (its density is higher everywhere near its mean), the z-scores do not."""
+    Both sub-networks have 20-dim feature spaces; task 1's rows have a tight spread (0.2), task 0's a wide one (3):
+    raw log-likelihoods favour task 1 on everything (its density is higher everywhere near its mean), the
+    z-scores do not."""
     rng = np.random.default_rng(0)
-    n, dims = 400, (2, 20)
+    n, d = 400, 20
     cfg = InferenceConfig(gauss_components=1, gauss_rank=0, gauss_shrinkage=0.0)
-    stats = task_inference.init_stats(cfg, ["gauss_own", "gauss_own_z"], 2, 1, 4, max(dims))
-    own = [np.zeros((n, max(dims)), np.float32) for _ in dims]
-    own[0][:, :2] = rng.normal(size=(n, 2)) * 3.0
-    own[0][:, 2:] = rng.normal(size=(n, max(dims) - 2)) * 3.0
-    own[1][:] = rng.normal(size=(n, max(dims))) * 0.2
+    stats = task_inference.init_stats(cfg, ["gauss_own", "gauss_own_z"], 2, 1, 4, d)
+    own = [(rng.normal(size=(n, d)) * spread).astype(np.float32) for spread in (3.0, 0.2)]
     for t in range(2):
         stats = task_inference.fit_task(cfg, stats, t, jnp.zeros(n, jnp.int32), 1, own=jnp.asarray(own[t]), key=KEY)
         ll = np.asarray(gaussians.task_log_likelihood(jax.tree.map(lambda v: v[t], stats["gauss_own_z"]), own[t]))
         np.testing.assert_allclose(float(stats["gauss_own_z"]["ll_mean"][t]), ll.mean(), rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(float(stats["gauss_own_z"]["ll_std"][t]), ll.std(ddof=1), rtol=1e-3)
     # inputs of task 0, seen through each sub-network: typical in its own, atypical (too spread) in task 1's
-    x0 = rng.normal(size=(100, max(dims))).astype(np.float32) * 3.0
-    features = jnp.stack([jnp.asarray(x0), jnp.asarray(rng.normal(size=(100, max(dims))).astype(np.float32) * 0.35)])
+    x0 = rng.normal(size=(100, d)).astype(np.float32) * 3.0
+    features = jnp.stack([jnp.asarray(x0), jnp.asarray(rng.normal(size=(100, d)).astype(np.float32) * 0.35)])
     logits = jnp.zeros((2, 100, 1))
     got = task_inference.infer(["gauss_own", "gauss_own_z"], logits, 2, stats=stats, features=features)
     assert np.mean(np.asarray(got["gauss_own"]) == 1) > 0.9  # raw densities are not comparable across spaces

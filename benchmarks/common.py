@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (a multi-process run's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def banner() -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +28,6 @@ from benchmarks import common
 
 RESULTS = Path(__file__).with_name("results") / "layouts.txt"
 ARGS = ["--dataset", "digits"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(devices: int) -> dict:
@@ -49,7 +42,7 @@ def run(root: Path, seed: int, processes: int) -> dict:
         if processes == 1:
             subprocess.run(cmd, env=_env(4), check=True, capture_output=True)
         else:
-            port = _port()
+            port = common.free_port()
             procs = [subprocess.Popen(cmd + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
                                              "--process_id", str(i)], env=_env(2), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -244,12 +243,6 @@ def processes_worker(args) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(processes: int, devices: int, argv: list[str], timeout: float = 1800) -> list[dict]:
     """Start ``processes`` children of ``devices`` single-threaded CPU devices each; their JSON lines, by index."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROC"))}
@@ -257,7 +250,7 @@ def run_layout(processes: int, devices: int, argv: list[str], timeout: float = 1
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
                                          "--xla_cpu_multi_thread_eigen=false"])
     env["JAX_PLATFORMS"] = "cpu"
-    port = _free_port()
+    port = common.free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.scaling", *argv, PROCESSES_FLAG], text=True,
                               env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                        JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),

@@ -30,7 +30,7 @@ def measure(arch: str, examples: int) -> dict:
 
     from modkd_jax import data, loop, models
     from modkd_jax.methods import mind
-    from modkd_jax.task_inference import RULES, InferenceConfig
+    from modkd_jax.task_inference import REGISTRY, RULES, InferenceConfig
 
     with tfds.testing.mock_data(num_examples=examples):
         ds = data.load("cifar100")
@@ -39,11 +39,11 @@ def measure(arch: str, examples: int) -> dict:
                              inference=InferenceConfig(task_inference="auto", report_rules="all"))
     t0 = time.perf_counter()
     res = loop.run(mind.learner(cfg, sc), {"seed": 0}, None, echo=None, stop_after=2)
-    m = mind.setup(cfg, sc)
-    return {"seconds": time.perf_counter() - t0, "bytes": res["task_inference"]["bytes_per_task"],
-            "task_id": {r: res["accuracy_matrix"][f"task_id_{r}"][1][:2] for r in RULES},
-            "params": models.param_count(mind.init_state(m, __import__("jax").random.key(0))["params"]),
-            "features": models.feature_dim(m.student, sc.input_shape)}
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": res["task_inference"]["bytes_per_task"],
+            "task_id": {r: res["accuracy_matrix"][REGISTRY[r].keys[1]][1][:2] for r in RULES},
+            "params": res["params"]["student"],
+            "features": models.feature_dim(mind.setup(cfg, sc).student, sc.input_shape)}
 
 
 def main(argv=None) -> int:

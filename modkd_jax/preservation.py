@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from modkd_jax import evaluation, losses, masks, models, training
+from modkd_jax.fisher import fisher_diagonal, make_fisher
 from modkd_jax.data.scenarios import Scenario
 from modkd_jax.methods.kit import Context, block_size_of, make_loss, norm_of, train_phase
 
@@ -49,7 +50,7 @@ def importance(params: PyTree, kind: str = "magnitude", fisher: PyTree | None = 
         return jax.tree.map(jnp.abs, params)
     if kind == "fisher":
         if fisher is None:
-            raise ValueError("importance='fisher' needs the Fisher diagonal (training.fisher_diagonal)")
+            raise ValueError("importance='fisher' needs the Fisher diagonal (fisher.fisher_diagonal)")
         return fisher
     raise ValueError(f"unknown importance {kind!r}; expected 'magnitude' or 'fisher'")
 
@@ -177,8 +178,7 @@ def preserve(old_model, old_vars: PyTree, new_model, scenario: Scenario, key: ja
             "plan": plan}
     tx = training.make_optimizer("adam", lr)
     if method == "copy":
-        fisher = (training.fisher_diagonal(training.make_fisher(old_model.apply, k, mean, std), old_vars,
-                                           old_t.train, old_task)
+        fisher = (fisher_diagonal(make_fisher(old_model.apply, k, mean, std), old_vars, old_t.train, old_task)
                   if importance_kind == "fisher" else None)
         selection = select_valuable(importance(old_vars["params"], importance_kind, fisher), old_kinds, old_task,
                                     keep, k)

@@ -97,6 +97,7 @@ class SubnetEvaluator:
         # compiled pieces, per evaluator (a cache on the class would keep every evaluator and its outputs alive)
         self._refresher = functools.lru_cache(maxsize=32)(self._make_refresher)
         self._counter = functools.lru_cache(maxsize=32)(self._make_counter)
+        self._shapes: dict[tuple, dict] = {}  # one abstract trace of the outputs per signature, not one per split
 
     def forget(self) -> None:
         """Drop every kept output (the next evaluation computes everything again)."""
@@ -234,9 +235,7 @@ class SubnetEvaluator:
         if key not in self._kept:
             batch = self.batch_size_of(placed)
             n = -(-max(1, placed.largest) // batch) * batch  # every split of ``placed`` in one shape
-            shapes = jax.eval_shape(lambda: self._batch_outputs(
-                names, *args, jnp.zeros((batch, *placed.x.shape[1:]), placed.x.dtype),
-                {m: jnp.zeros(self.T, bool) for m in names}, 1))
+            shapes = self._output_shapes(names, args, (batch, *placed.x.shape[1:]), placed.x.dtype)
             arrays = {m: jnp.zeros((sh.shape[0], n, *sh.shape[2:]), sh.dtype) for m, sh in shapes.items()}
             if self.mesh is not None:
                 arrays = parallel.replicate(self.mesh, arrays)
@@ -245,6 +244,15 @@ class SubnetEvaluator:
                 self._kept.popitem(last=False)
         self._kept.move_to_end(key)
         return self._kept[key]
+
+    def _output_shapes(self, names: tuple[str, ...], args, x_shape: tuple[int, ...], x_dtype) -> dict:
+        """``{name: ShapeDtypeStruct}`` of ``_batch_outputs`` on a batch of ``x_shape`` (traced once per signature)."""
+        leaves, treedef = jax.tree.flatten(args)
+        key = (names, x_shape, str(x_dtype), treedef, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
+        if key not in self._shapes:
+            self._shapes[key] = jax.eval_shape(lambda: self._batch_outputs(
+                names, *args, jnp.zeros(x_shape, x_dtype), {m: jnp.zeros(self.T, bool) for m in names}, 1))
+        return self._shapes[key]
 
     def batch_size_of(self, placed: Placed) -> int:
         """The compiled batch over ``placed``: ``batch_size`` capped by the splits' padding, a multiple of the mesh."""

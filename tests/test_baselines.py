@@ -11,7 +11,7 @@ import pytest
 from experiments import baselines as cli
 from experiments.common import build_scenario
 from modkd_jax import loop
-from modkd_jax import data, masks, metrics, training
+from modkd_jax import data, fisher, masks, metrics, training
 from modkd_jax.methods import baselines
 
 TINY = ["--dataset", "digits", "--task_count", "5", "--epochs", "1", "--retrain_epochs", "1"]
@@ -75,8 +75,8 @@ def test_ewc_fisher_matches_hand_computation_on_a_linear_softmax():
         return xf.reshape(xf.shape[0], -1) @ variables["params"]["w"]
 
     cfg = baselines.BaselineConfig(method="ewc", arch="mlp", head="seen")
-    fisher = training.make_fisher(apply, k, (0.5,), (0.25,), seen_classes=cfg.head == "seen")
-    got = fisher({"params": {"w": jnp.asarray(w)}, "batch_stats": {}}, x, y, valid, jnp.int32(0))["w"]
+    fisher_fn = fisher.make_fisher(apply, k, (0.5,), (0.25,), seen_classes=cfg.head == "seen")
+    got = fisher_fn({"params": {"w": jnp.asarray(w)}, "batch_stats": {}}, x, y, valid, jnp.int32(0))["w"]
     xf = (x.reshape(n, d).astype(np.float64) / 255 - 0.5) / 0.25
     want = np.zeros((d, 2 * k))
     for i in range(n - 1):
@@ -86,7 +86,7 @@ def test_ewc_fisher_matches_hand_computation_on_a_linear_softmax():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
     assert np.all(np.asarray(got)[:, k:] == 0)  # classes of unseen tasks carry no information
 
-    b = types.SimpleNamespace(cfg=cfg, fisher_fn=fisher)
+    b = types.SimpleNamespace(cfg=cfg, fisher_fn=fisher_fn)
     split = types.SimpleNamespace(x=x[:4], y=y[:4])
     mean = baselines.fisher_diagonal(b, {"params": {"w": jnp.asarray(w)}, "batch_stats": {}}, split, 0)["w"]
     np.testing.assert_allclose(np.asarray(mean), want / 4, rtol=1e-4, atol=1e-6)

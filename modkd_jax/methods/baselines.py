@@ -41,7 +41,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from modkd_jax import evaluation, losses, masks, models, parallel, task_inference, training
+from modkd_jax import evaluation, fisher as ewc_fisher, losses, masks, models, parallel, task_inference, training
 from modkd_jax.data import batching
 from modkd_jax.data.scenarios import Scenario, Split
 from modkd_jax.learner import Learner, scenario_fields
@@ -262,7 +262,7 @@ def setup(cfg: BaselineConfig, scenario: Scenario, mesh: Mesh | None = None) -> 
         step = training.make_step(make_head_loss(apply_fn, cfg, k, global_labels=cfg.method == "joint"), tx,
                                   training.augmenting(mean, std, cfg.crop_flip, teacher=teacher))
         counts = make_head_counts(apply_fn, k, mean, std)
-        fisher_fn = (training.make_fisher(apply_fn, k, mean, std, seen_classes=cfg.head == "seen")
+        fisher_fn = (ewc_fisher.make_fisher(apply_fn, k, mean, std, seen_classes=cfg.head == "seen")
                      if cfg.method == "ewc" else None)
         block_counts = None
     if mesh is not None:  # the same functions with sharding annotations; batches split along "data"
@@ -298,7 +298,7 @@ def pooled_split(scenario: Scenario, upto: int, block_size: int) -> Split:
 
 def fisher_diagonal(b: Baseline, variables: PyTree, split: Split, task: int) -> PyTree:
     """Diagonal empirical Fisher of ``task`` on the first ``ewc_samples`` training examples (a mean)."""
-    return training.fisher_diagonal(b.fisher_fn, variables, split, task, b.cfg.ewc_samples)
+    return ewc_fisher.fisher_diagonal(b.fisher_fn, variables, split, task, b.cfg.ewc_samples)
 
 
 def _copy(tree: PyTree) -> PyTree:

@@ -2,7 +2,8 @@
 
 ``backend_compiles()`` counts XLA backend compilations in this process (every jitted program, eager op or
 shape change that reaches the compiler); the loop records the count per task, so a run whose later tasks
-compile nothing shows zeros there.
+compile nothing shows zeros there. JAX times a program loaded from its persistent compilation cache as a
+backend compile too, so a warm cache counts the same (and cannot hide a shape that changes per task).
 """
 
 from __future__ import annotations

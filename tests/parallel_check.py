@@ -2,7 +2,7 @@
 
 Checks on real data (scikit-learn's digits, 2 tasks of 5 classes), with the
 steps ``methods.mind.setup`` builds:
-1. the MIND teacher step (gated ResNet-32, crop+flip): loss, parameters,
+1. the MIND teacher step (gated ResNet, crop+flip): loss, parameters,
    optimizer state and batch-norm statistics after two steps;
 2. the distillation step (``training.make_step`` with MIND's symkl loss and a teacher):
    the student sub-network of task 1 against a trained dense teacher;
@@ -14,6 +14,9 @@ steps ``methods.mind.setup`` builds:
    its parameters stay replicated.
 XLA_FLAGS must be set before JAX starts, hence a separate process. Prints
 ``OK`` and exits 0 when every check passes.
+
+The network is ResNet-32's class with one block per stage (ResNet-8): the checks are about sharding, and
+tracing ResNet-32's 31 convolutions for each of the four evaluators took most of the check's time.
 
 The runs use MIND's steps with SGD (momentum 0.9) rather than Adam: the
 8-device run sums gradients in another order (~1e-7 relative), and Adam's
@@ -47,6 +50,15 @@ from modkd_jax.methods import mind  # noqa: E402
 from modkd_jax.subnet_eval import SubnetEvaluator  # noqa: E402
 
 BATCH = 16  # 2 examples per device
+
+
+def resnet8(num_outputs, num_tasks=1, dtype=jnp.float32, conv_impl="xla", materialize=True, conv=None, norm=None):
+    """ResNet-32's stages, widths and shortcuts with one block per stage (``models.resnet32``'s signature)."""
+    return models.ResNet(num_outputs, (1, 1, 1), (16, 32, 64), num_tasks, "cifar", "pad", dtype, conv_impl,
+                         materialize, conv, norm)
+
+
+models.resnet32 = resnet8  # what ``models.build("resnet32", ...)`` builds in this process
 RTOL, ATOL = 2e-4, 2e-5  # float32 reductions summed in a different order across devices
 
 

@@ -108,13 +108,14 @@ def test_method_follows_the_contract(method, tmp_path):
     assert np.all(np.isfinite(np.diagonal(til, axis1=-2, axis2=-1)))  # every task evaluated when learnt
 
 
-MIND_CLI = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "5", "--epochs", "2",
-            "--distill_epochs", "2", "--batch_size", "32"]
+MIND_CLI = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "2", "--epochs", "1",
+            "--distill_epochs", "1", "--batch_size", "32"]
 
 
 def test_killed_between_tasks_resumes_to_the_uninterrupted_matrices(tmp_path):
     """SIGKILL right after task 1's checkpoint (no clean shutdown; the process kills itself there,
-    tests/killed_run.py, so no timing decides where), then the same command: same matrices as one go."""
+    tests/killed_run.py, so no timing decides where), then the same command: same matrices as one go, and each
+    task's summary in metrics.jsonl once."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, *MIND_CLI, "--workdir", str(tmp_path / "killed")]
     killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_run.py")), *MIND_CLI[2:],
@@ -125,14 +126,17 @@ def test_killed_between_tasks_resumes_to_the_uninterrupted_matrices(tmp_path):
     assert not (tmp_path / "killed" / "checkpoints" / "2").exists()  # it died right after task 1
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming" in again.stdout
+    assert "resuming" in again.stdout and "after task 0" in again.stdout
     whole = subprocess.run([sys.executable, *MIND_CLI, "--workdir", str(tmp_path / "whole")], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     a = json.loads((tmp_path / "killed" / "results.json").read_text())["accuracy_matrix"]
     b = json.loads((tmp_path / "whole" / "results.json").read_text())["accuracy_matrix"]
+    assert set(a) == set(b) >= {"til", "cil", "task_id"}
     for rule in b:
         np.testing.assert_array_equal(np.asarray(a[rule], float), np.asarray(b[rule], float), err_msg=rule)
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["task"] for line in lines if line.get("phase") == "summary"] == [0, 1]
 
 
 BAD_INPUT = {

@@ -144,7 +144,8 @@ CLI = ["--experiment", "collective", "--dataset", "digits", "--agents", "3", "--
        "--batch_size", "32"]
 
 
-def test_cli_writes_the_collective_block_and_resumes(tmp_path, capsys):
+def test_cli_writes_the_collective_block(tmp_path, capsys):
+    """The run directory of the CLI (stopping and resuming: the conformance test)."""
     workdir = tmp_path / "run"
     assert dkt_cli.main(CLI + ["--workdir", str(workdir)]) == 0
     results = json.loads((workdir / "results.json").read_text())
@@ -158,17 +159,6 @@ def test_cli_writes_the_collective_block_and_resumes(tmp_path, capsys):
     assert results["accuracy_matrix"]["collective"] and results["lead_axes"] == ["agent"]
     out = capsys.readouterr().out
     assert "logits exchange own" in out
-    # a run stopped after round 1 and resumed from its checkpoint ends where the uninterrupted run did
-    from experiments import collective as cli
-
-    cfg = cli.resolve_config(cli.parser().parse_args(CLI))
-    part = tmp_path / "part"
-    assert cli.run(cfg, part, stop_after=1, echo=None)["tasks_done"] == 1
-    resumed = cli.run(cfg, part, echo=None)
-    assert resumed["collective"]["agents"] == block["agents"]
-    assert resumed["collective"]["weights_exchange"] == block["weights_exchange"]
-    for rule, R in results["accuracy_matrix"].items():
-        np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule], float), np.asarray(R, float))
 
 
 @pytest.mark.parametrize("entry", ["collective", "dkt"])

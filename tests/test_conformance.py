@@ -1,8 +1,8 @@
 """One conformance test over every method on the one contract (``modkd_jax.learner`` + ``modkd_jax.loop``).
 
 For each method, on a tiny digits sequence: a run stopped after task 1 and
-resumed from its run directory gives the uninterrupted run's matrices bit for
-bit; there is one checkpoint step per finished task; results.json has the one
+resumed from its run directory gives the uninterrupted run's matrices and
+results (all but times and compile counts) bit for bit; there is one checkpoint step per finished task; results.json has the one
 schema. A process killed (SIGKILL) between tasks resumes to the same matrices;
 every CLI answers bad input with one line and exit code 2.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modkd_jax import data, loop
+from modkd_jax import data, loop, rundir
 from modkd_jax.methods import baselines, mind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,16 @@ def _dkt():
     return dkt.learner(dkt.setup(cfg, data.load("digits"), TASKS, seed=0))
 
 
+def _collective():
+    """Two MIND agents dealt 5 tasks (3 rounds), their students distilled from the exchanged tables."""
+    from modkd_jax.methods import collective
+
+    cfg = collective.CollectiveConfig(agents=2, task_count=5, n_probe=64, student_hidden=(16,), student_epochs=1,
+                                      joint_epochs=1, batch_size=32, eval_batch_size=360)
+    agent = mind.preset_config("digits", epochs=1, distill_epochs=1, hidden=(16, 16))
+    return collective.learner(collective.setup(cfg, data.load("digits"), agent, seed=0))
+
+
 def _split_backbone():
     """Setting 1 on two 16 px digits subsets (as experiments.ocl builds its sequence), ImageNet stem, random init."""
     import dataclasses
@@ -74,8 +84,18 @@ def _split_backbone():
 BUILDERS = {
     "mind": _mind, "mind_self_distillation": lambda: _mind(True),
     **{m: (lambda m=m: _baseline(m)) for m in baselines.METHODS},
-    "experts": _experts, "dkt": _dkt, "split_backbone": _split_backbone,
+    "experts": _experts, "dkt": _dkt, "collective": _collective, "split_backbone": _split_backbone,
 }
+TIMING = {"seconds", "seconds_per_task", "train_seconds", "compiles"}  # the machine's, not the run's
+
+
+def _untimed(tree):
+    """Results as results.json holds them, without wall-clock times and compile counts."""
+    if isinstance(tree, dict):
+        return {k: _untimed(v) for k, v in tree.items() if k not in TIMING}
+    return [_untimed(v) for v in tree] if isinstance(tree, list) else tree
+
+
 SCHEMA_KEYS = {"schema", "method", "config", "tasks", "classes", "tasks_done", "rules", "lead_axes", "accuracy_matrix",
                "final", "summary", "seconds_per_task", "task_infos", "params"}
 
@@ -104,6 +124,8 @@ def test_method_follows_the_contract(method, tmp_path):
         assert R.shape[-2:] == (T, T) and R.shape[:-2] == tuple(np.shape(R)[:len(learner.lead_axes)])
         np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"][rule], float), R, err_msg=rule)
         np.testing.assert_array_equal(np.asarray(on_disk["accuracy_matrix"][rule], float), R, err_msg=rule)
+    # everything else too: task infos, the method's report (bytes sent, tables, ...), parameter counts
+    assert _untimed(on_disk) == _untimed(rundir.jsonable(whole)) == _untimed(rundir.jsonable(resumed))
     til = np.asarray(whole["accuracy_matrix"][learner.rules[0]], float)
     assert np.all(np.isfinite(np.diagonal(til, axis1=-2, axis2=-1)))  # every task evaluated when learnt
 
@@ -114,8 +136,8 @@ MIND_CLI = ["-m", "experiments.mind", "--dataset", "digits", "--task_count", "2"
 
 def test_killed_between_tasks_resumes_to_the_uninterrupted_matrices(tmp_path):
     """SIGKILL right after task 1's checkpoint (no clean shutdown; the process kills itself there,
-    tests/killed_run.py, so no timing decides where), then the same command: same matrices as one go, and each
-    task's summary in metrics.jsonl once."""
+    tests/killed_run.py, so no timing decides where), then the same command: same matrices as one go in a third
+    process (so also: same seed, same numbers across processes), and each task's summary in metrics.jsonl once."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, *MIND_CLI, "--workdir", str(tmp_path / "killed")]
     killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_run.py")), *MIND_CLI[2:],

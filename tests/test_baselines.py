@@ -11,7 +11,7 @@ import pytest
 from experiments import baselines as cli
 from experiments.common import build_scenario
 from modkd_jax import loop
-from modkd_jax import data, fisher, masks, metrics, training
+from modkd_jax import data, fisher, masks, metrics
 from modkd_jax.methods import baselines
 
 TINY = ["--dataset", "digits", "--task_count", "5", "--epochs", "1", "--retrain_epochs", "1"]

@@ -248,7 +248,8 @@ class SubnetEvaluator:
     def _output_shapes(self, names: tuple[str, ...], args, x_shape: tuple[int, ...], x_dtype) -> dict:
         """``{name: ShapeDtypeStruct}`` of ``_batch_outputs`` on a batch of ``x_shape`` (traced once per signature)."""
         leaves, treedef = jax.tree.flatten(args)
-        key = (names, x_shape, str(x_dtype), treedef, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves))
+        avals = tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves)
+        key = (names, x_shape, str(x_dtype), treedef, avals)
         if key not in self._shapes:
             self._shapes[key] = jax.eval_shape(lambda: self._batch_outputs(
                 names, *args, jnp.zeros(x_shape, x_dtype), {m: jnp.zeros(self.T, bool) for m in names}, 1))

@@ -50,6 +50,7 @@ from modkd_jax.methods import mind  # noqa: E402
 from modkd_jax.subnet_eval import SubnetEvaluator  # noqa: E402
 
 BATCH = 16  # 2 examples per device
+RTOL, ATOL = 2e-4, 2e-5  # float32 reductions summed in a different order across devices
 
 
 def resnet8(num_outputs, num_tasks=1, dtype=jnp.float32, conv_impl="xla", materialize=True, conv=None, norm=None):
@@ -59,7 +60,6 @@ def resnet8(num_outputs, num_tasks=1, dtype=jnp.float32, conv_impl="xla", materi
 
 
 models.resnet32 = resnet8  # what ``models.build("resnet32", ...)`` builds in this process
-RTOL, ATOL = 2e-4, 2e-5  # float32 reductions summed in a different order across devices
 
 
 def close(name, a, b, rtol=RTOL, atol=ATOL):

@@ -2,8 +2,8 @@
 
 For each method, on a tiny digits sequence: a run stopped after task 1 and
 resumed from its run directory gives the uninterrupted run's matrices and
-results (all but times and compile counts) bit for bit; there is one checkpoint step per finished task; results.json has the one
-schema. A process killed (SIGKILL) between tasks resumes to the same matrices;
+results (all but times and compile counts) bit for bit; there is one
+checkpoint step per finished task; results.json has the one schema. A process killed (SIGKILL) between tasks resumes to the same matrices;
 every CLI answers bad input with one line and exit code 2.
 """
 
